@@ -1,0 +1,21 @@
+"""bpttjax: backpropagation through time in JAX, with memory you choose.
+
+The public API is what this module re-exports, plus the documented
+submodules ``bpttjax.cells``, ``bpttjax.reference``, ``bpttjax.remat`` and
+``bpttjax.truncation``. Modules whose names start with an underscore are
+private.
+"""
+
+from . import cells as cells
+from . import reference as reference
+from . import remat as remat
+from . import truncation as truncation
+from ._scan import scan as scan
+from .remat import EveryStep as EveryStep
+from .remat import RematStrategy as RematStrategy
+from .remat import StoreAll as StoreAll
+from .truncation import RandomTruncate as RandomTruncate
+from .truncation import Truncate as Truncate
+from .truncation import TruncationStrategy as TruncationStrategy
+
+__version__ = "0.1.0"

@@ -1,0 +1,206 @@
+"""Truncation strategies: how far back the carry's gradient is propagated.
+
+Section 9.7 of "Dive into Deep Learning" compares three ways to compute the
+gradient of a recurrent model:
+
+* full BPTT (``truncation=None``): the exact gradient, a product of up to
+  ``T`` Jacobians ``∂h_t/∂h_{t-1}`` that may vanish or explode;
+* regular truncation (:class:`Truncate`): the carry's gradient is cut every
+  ``k`` steps, as when training on consecutive windows of ``k`` steps with the
+  state detached between windows; biased towards short-term dependencies;
+* randomized truncation (:class:`RandomTruncate`): d2l's ``ξ_t`` estimator;
+  the carry's gradient is kept with probability ``π_t`` and then scaled by
+  ``1/π_t``, else cut, which gives an unbiased estimate of the full gradient.
+
+A truncation only changes the cotangent that flows from step ``t`` back into
+the carry ``h_{t-1}``; forward values are never changed, and gradients that
+reach parameters or inputs directly inside a step are kept. Every strategy
+composes with every rematerialization strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["TruncationStrategy", "Truncate", "RandomTruncate"]
+
+
+class TruncationStrategy:
+    """Base class of the truncation strategies (not public API to subclass).
+
+    ``_scale(n, t, length)`` returns the factor applied to the cotangent of the
+    carry entering processing step ``n`` (``t`` is the index of that step in
+    ``xs``; ``t == n`` unless ``reverse=True``). It is called inside the
+    traced scan body; ``_check(length)`` is called once at the public boundary.
+    """
+
+    def _check(self, length: int) -> None:
+        pass
+
+    def _scale(self, n: jax.Array, t: jax.Array, length: int) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncate(TruncationStrategy):
+    """Regular truncation: cut the carry's gradient every ``every`` steps.
+
+    The sequence is split, in processing order, into windows of ``every``
+    steps (the last one shorter when ``T`` is not a multiple); the gradient
+    that flows out of a window into the carry that entered it is dropped. This
+    is exactly the gradient of training on consecutive windows with
+    ``jax.lax.stop_gradient`` on the state between them. With
+    ``reverse=True`` the windows start at the end of ``xs``.
+
+    Args:
+      every: window length ``k >= 1``. ``every >= T`` is full BPTT.
+
+    Cost: one integer counter in the carry; no extra memory per step.
+
+    Example:
+      >>> carry, ys = bj.scan(step, h0, xs, truncation=bj.Truncate(every=35))
+    """
+
+    every: int
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral):
+            raise TypeError(
+                f"Truncate(every=...) expects a positive int, got "
+                f"{type(self.every).__name__}: {self.every!r}"
+            )
+        if self.every <= 0:
+            raise ValueError(f"Truncate(every=...) expects every >= 1, got every={self.every}")
+
+    def _scale(self, n, t, length):
+        del t, length
+        cut = (n > 0) & (n % self.every == 0)
+        return jnp.where(cut, 0.0, 1.0)
+
+
+def _is_key(x: Any) -> bool:
+    if isinstance(x, jax.Array | np.ndarray):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x.ndim == 0
+        return x.dtype == jnp.uint32 and x.shape == (2,)
+    return False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RandomTruncate(TruncationStrategy):
+    """Randomized truncation (d2l 9.7.1.3; Tallec & Ollivier, 2017).
+
+    At every step ``t`` after the first, an independent
+    ``ξ_t`` is drawn with ``P(ξ_t = 1/π_t) = π_t`` and ``P(ξ_t = 0) = 1 - π_t``
+    and the cotangent flowing back into the carry ``h_{t-1}`` is multiplied by
+    ``ξ_t``. Since ``E[ξ_t] = 1`` and the draws are independent, the expected
+    gradient equals the full-BPTT gradient (the estimator is unbiased); its
+    variance grows as ``π_t`` shrinks. With a constant ``π`` the length of the
+    kept history is geometric with mean ``1/(1 - π)`` steps.
+
+    Args:
+      key: a JAX PRNG key (``jax.random.key`` or the raw ``uint32[2]`` kind).
+        The same key gives the same ``ξ`` sequence, independent of the
+        rematerialization strategy. Use a fresh key for every gradient
+        (``jax.random.split`` per training step), or all steps share one
+        truncation pattern.
+      keep_prob: ``π``, the probability of keeping the carry's gradient at a
+        step: a float in ``(0, 1]`` for every step, or an array of shape
+        ``(T,)`` giving ``π_t`` per index ``t`` of ``xs``
+        (``keep_prob[0]`` is never used: nothing precedes the first step
+        except ``init``, whose gradient is always kept).
+
+    Cost: one integer counter in the carry; ``ξ_t`` is recomputed from
+    ``fold_in(key, t)`` in the backward pass, never stored.
+
+    Warning:
+      ``keep_prob`` is checked to lie in ``(0, 1]`` only when it is concrete;
+      a traced ``keep_prob`` is used as given.
+
+    Example:
+      >>> tr = bj.RandomTruncate(jax.random.key(0), keep_prob=0.9)
+      >>> carry, ys = bj.scan(step, h0, xs, truncation=tr)
+    """
+
+    key: jax.Array
+    keep_prob: float | jax.Array = 0.9
+
+    def __post_init__(self):
+        if not isinstance(self.key, jax.core.Tracer) and not _is_key(self.key):
+            raise TypeError(
+                "RandomTruncate(key=...) expects a JAX PRNG key (jax.random.key(seed) or "
+                f"jax.random.PRNGKey(seed)), got {type(self.key).__name__}"
+                f"{_shape_dtype(self.key)}"
+            )
+        p = self.keep_prob
+        if isinstance(p, bool) or not (
+            isinstance(p, numbers.Real | jax.Array | np.ndarray)
+        ):
+            raise TypeError(
+                "RandomTruncate(keep_prob=...) expects a float in (0, 1] or an array of "
+                f"shape (T,), got {type(p).__name__}: {p!r}"
+            )
+        if isinstance(p, jax.Array | np.ndarray) and np.ndim(p) > 1:
+            raise ValueError(
+                "RandomTruncate(keep_prob=...) expects a scalar or an array of shape (T,), "
+                f"got shape {np.shape(p)}"
+            )
+        if not isinstance(p, jax.core.Tracer):
+            arr = np.asarray(p, dtype=np.float64)
+            bad = ~((arr > 0.0) & (arr <= 1.0))
+            if np.any(bad):
+                raise ValueError(
+                    "RandomTruncate(keep_prob=...) expects probabilities in (0, 1], got "
+                    f"{arr[bad].ravel()[:5].tolist()} (probability 0 would divide by zero; "
+                    "use Truncate to always cut)"
+                )
+
+    def _check(self, length):
+        if np.ndim(self.keep_prob) == 1 and np.shape(self.keep_prob)[0] != length:
+            raise ValueError(
+                "RandomTruncate(keep_prob=...) array must have one entry per step, shape "
+                f"({length},), got shape {np.shape(self.keep_prob)}"
+            )
+
+    def _scale(self, n, t, length):
+        p = jnp.asarray(self.keep_prob)
+        if p.ndim == 1:
+            p = p[t]
+        p = p.astype(jnp.result_type(float))
+        u = jax.random.uniform(jax.random.fold_in(self.key, t), dtype=p.dtype)
+        keep = (n == 0) | (u < p)
+        return jnp.where(keep, jnp.where(n == 0, 1.0, 1.0 / p), 0.0)
+
+
+def _shape_dtype(x: Any) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f" of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f": {x!r}"
+
+
+@jax.custom_jvp
+def scale_cotangent(x: jax.Array, s: jax.Array) -> jax.Array:
+    """Identity on ``x`` whose tangent (and so cotangent) is multiplied by ``s``.
+
+    A ``custom_jvp`` rather than ``stop_gradient`` arithmetic keeps forward
+    values bit-exact (``sg(x) + s·(x - sg(x))`` turns ``inf`` into ``nan``) and
+    keeps forward-mode differentiation working.
+    """
+    del s
+    return x
+
+
+@scale_cotangent.defjvp
+def _scale_cotangent_jvp(primals, tangents):
+    x, s = primals
+    dx, _ = tangents
+    s = s.astype(dx.dtype)
+    # An exact zero (not 0 * dx) so that a cut also stops inf/nan cotangents,
+    # as stop_gradient would.
+    return x, jnp.where(s == 0, jnp.zeros_like(dx), dx * s)
