@@ -90,8 +90,7 @@ def scan(
         )
     if isinstance(truncation, type) and issubclass(truncation, TruncationStrategy):
         raise TypeError(
-            f"scan(truncation=...) expects a strategy instance, got the class "
-            f"{truncation.__name__}"
+            f"scan(truncation=...) expects a strategy instance, got the class {truncation.__name__}"
         )
     if truncation is not None and not isinstance(truncation, TruncationStrategy):
         raise TypeError(
@@ -181,7 +180,8 @@ def _checked_step(f: Callable) -> Callable:
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(
                 "scan(f=...) must return a pair (carry, y), got "
-                f"{type(out).__name__}" + (f" of length {len(out)}" if hasattr(out, "__len__") else "")
+                f"{type(out).__name__}"
+                + (f" of length {len(out)}" if hasattr(out, "__len__") else "")
             )
         new_carry, y = out
         in_def = jax.tree.structure(carry)

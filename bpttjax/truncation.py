@@ -139,9 +139,7 @@ class RandomTruncate(TruncationStrategy):
                 f"{_shape_dtype(self.key)}"
             )
         p = self.keep_prob
-        if isinstance(p, bool) or not (
-            isinstance(p, numbers.Real | jax.Array | np.ndarray)
-        ):
+        if isinstance(p, bool) or not (isinstance(p, numbers.Real | jax.Array | np.ndarray)):
             raise TypeError(
                 "RandomTruncate(keep_prob=...) expects a float in (0, 1] or an array of "
                 f"shape (T,), got {type(p).__name__}: {p!r}"

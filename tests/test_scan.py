@@ -1,0 +1,291 @@
+"""bj.scan is a drop-in for lax.scan, and every remat strategy gives plain BPTT's gradient.
+
+Each strategy runs through the same suite: forward values equal to
+``jax.lax.scan``, gradients (w.r.t. closed-over parameters, ``init`` and
+``xs``) equal to plain ``lax.scan`` + ``jax.grad`` in float64, under ``jit``,
+``vmap∘grad`` and ``grad∘vmap``, for lengths 1, prime and large.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpttjax as bj
+
+STRATEGIES = {
+    "StoreAll": bj.StoreAll(),
+    "EveryStep": bj.EveryStep(),
+    "EveryStep-dots": bj.EveryStep(policy=jax.checkpoint_policies.dots_saveable),
+}
+LENGTHS = [1, 2, 13, 257]
+D, H = 3, 4
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
+
+
+def tree_rel_err(a, b):
+    errs = jax.tree.leaves(jax.tree.map(rel_err, a, b))
+    return max(errs) if errs else 0.0
+
+
+def make_params(seed=0, scale=0.9):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    q, _ = jnp.linalg.qr(jax.random.normal(k2, (H, H), jnp.float64))
+    return {
+        "W_xh": jax.random.normal(k1, (D, H), jnp.float64) / np.sqrt(D),
+        "W_hh": scale * q,
+        "b": 0.1 * jax.random.normal(k3, (H,), jnp.float64),
+    }
+
+
+def make_xs(T, seed=1):
+    return jax.random.normal(jax.random.key(seed), (T, D), jnp.float64)
+
+
+def pytree_step(params, carry, x):
+    """A step with a dict carry holding a tuple, and a pytree output."""
+    h, (c, n) = carry["h"], carry["rest"]
+    h_new = jnp.tanh(x["a"] @ params["W_xh"] + h @ params["W_hh"] + params["b"])
+    c_new = 0.5 * c + jnp.sin(h_new) * x["b"]
+    return {"h": h_new, "rest": (c_new, n + 1)}, {"h": h_new, "sq": jnp.sum(c_new**2)}
+
+
+def pytree_inputs(T):
+    xs = {"a": make_xs(T), "b": make_xs(T, 2)[:, 0]}
+    init = {"h": jnp.zeros(H), "rest": (jnp.ones(H), jnp.zeros((), jnp.int32))}
+    return init, xs
+
+
+def pytree_loss(scan_fn, params, init, xs):
+    carry, ys = scan_fn(functools.partial(pytree_step, params), init, xs)
+    return jnp.sum(ys["h"] ** 2) + jnp.sum(ys["sq"]) + jnp.sum(carry["rest"][0])
+
+
+def plain(f, init, xs, **kw):
+    return jax.lax.scan(f, init, xs, **kw)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_and_grad_match_lax_scan(name, T, reverse):
+    remat = STRATEGIES[name]
+    params = make_params()
+    init, xs = pytree_inputs(T)
+    ours = functools.partial(bj.scan, reverse=reverse, remat=remat)
+    ref = functools.partial(plain, reverse=reverse)
+
+    f = functools.partial(pytree_step, params)
+    out, ref_out = ours(f, init, xs), ref(f, init, xs)
+    chex_equal = jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), out, ref_out)
+    del chex_equal
+
+    g = jax.jit(jax.grad(functools.partial(pytree_loss, ours), argnums=(0, 1, 2), allow_int=True))
+    g_ref = jax.grad(functools.partial(pytree_loss, ref), argnums=(0, 1, 2), allow_int=True)
+    got, want = g(params, init, xs), g_ref(params, init, xs)
+    float_leaves = lambda t: [x for x in jax.tree.leaves(t) if x.dtype == jnp.float64]
+    for a, b in zip(float_leaves(got), float_leaves(want), strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_value_and_grad_and_unroll(name):
+    remat = STRATEGIES[name]
+    params, xs = make_params(), make_xs(31)
+
+    def loss(scan_fn, p, unroll):
+        step = lambda h, x: (jnp.tanh(x @ p["W_xh"] + h @ p["W_hh"]), jnp.sum(h))
+        _, ys = scan_fn(step, jnp.zeros(H), xs, unroll=unroll)
+        return jnp.sum(ys**2)
+
+    want_v, want_g = jax.value_and_grad(functools.partial(loss, jax.lax.scan))(params, 1)
+    for unroll in (1, 4, True):
+        ours = functools.partial(bj.scan, remat=remat)
+        v, g = jax.jit(jax.value_and_grad(functools.partial(loss, ours)), static_argnums=1)(
+            params, unroll
+        )
+        assert rel_err(v, want_v) < 1e-13
+        assert tree_rel_err(g, want_g) < 1e-12
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_xs_none_with_length(name):
+    params = make_params()
+
+    def loss(scan_fn, p):
+        step = lambda h, _: (jnp.tanh(h @ p["W_hh"] + p["b"]), h[0])
+        carry, ys = scan_fn(step, jnp.ones(H), None, length=23)
+        return jnp.sum(carry) + jnp.sum(ys)
+
+    ours = functools.partial(bj.scan, remat=STRATEGIES[name])
+    assert rel_err(loss(ours, params), loss(jax.lax.scan, params)) == 0.0
+    got = jax.grad(functools.partial(loss, ours))(params)
+    want = jax.grad(functools.partial(loss, jax.lax.scan))(params)
+    assert tree_rel_err(got, want) < 1e-12
+
+
+def batched_loss(scan_fn, p, xs):
+    step = lambda h, x: (jnp.tanh(x @ p["W_xh"] + h @ p["W_hh"] + p["b"]), h)
+    _, hs = scan_fn(step, jnp.zeros(H), xs)
+    return jnp.sum(jnp.cos(hs))
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_vmap_of_grad_and_grad_of_vmap(name):
+    params = make_params()
+    xs = jax.random.normal(jax.random.key(3), (5, 19, D), jnp.float64)  # batch of sequences
+    ours = functools.partial(batched_loss, functools.partial(bj.scan, remat=STRATEGIES[name]))
+    ref = functools.partial(batched_loss, jax.lax.scan)
+
+    # vmap∘grad: one gradient per sequence
+    got = jax.jit(jax.vmap(jax.grad(ours), in_axes=(None, 0)))(params, xs)
+    want = jax.vmap(jax.grad(ref), in_axes=(None, 0))(params, xs)
+    assert tree_rel_err(got, want) < 1e-12
+
+    # grad∘vmap: gradient of the batch's summed loss
+    total = lambda fn: lambda p, xs: jnp.sum(jax.vmap(fn, in_axes=(None, 0))(p, xs))
+    got = jax.jit(jax.grad(total(ours)))(params, xs)
+    want = jax.grad(total(ref))(params, xs)
+    assert tree_rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_forward_mode_and_hessian_vector(name):
+    """jvp and grad-of-grad also pass through (strategies only change the backward pass)."""
+    params = make_params()
+    xs = make_xs(11)
+    ours = functools.partial(batched_loss, functools.partial(bj.scan, remat=STRATEGIES[name]))
+    ref = functools.partial(batched_loss, jax.lax.scan)
+    tangent = jax.tree.map(jnp.ones_like, params)
+    got = jax.jvp(lambda p: jax.grad(ours)(p, xs), (params,), (tangent,))[1]
+    want = jax.jvp(lambda p: jax.grad(ref)(p, xs), (params,), (tangent,))[1]
+    assert tree_rel_err(got, want) < 1e-11
+
+
+def test_default_is_store_all_and_strategies_are_values():
+    assert bj.StoreAll() == bj.StoreAll()
+    assert bj.EveryStep() == bj.EveryStep(policy=None)
+    assert hash(bj.EveryStep()) == hash(bj.EveryStep())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bj.EveryStep().policy = jax.checkpoint_policies.dots_saveable
+
+
+def test_store_all_lowers_to_the_same_program_as_lax_scan():
+    params, xs = make_params(), make_xs(9)
+    ours = jax.jit(jax.grad(functools.partial(batched_loss, bj.scan)))
+    ref = jax.jit(jax.grad(functools.partial(batched_loss, jax.lax.scan)))
+    strip = lambda s: "\n".join(
+        line for line in s.splitlines() if "loc(" not in line and "module @" not in line
+    )
+    assert strip(ours.lower(params, xs).as_text(debug_info=False)) == strip(
+        ref.lower(params, xs).as_text(debug_info=False)
+    )
+
+
+def test_every_step_stores_less_than_store_all():
+    """The remat path is real: EveryStep saves fewer residuals than StoreAll."""
+    params, xs = make_params(), make_xs(500)
+    temp = {}
+    for name in ("StoreAll", "EveryStep"):
+        fn = functools.partial(batched_loss, functools.partial(bj.scan, remat=STRATEGIES[name]))
+        compiled = jax.jit(jax.grad(fn)).lower(params, xs).compile()
+        temp[name] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["EveryStep"] < 0.75 * temp["StoreAll"]
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def good_step(h, x):
+    return h + x, h
+
+
+def test_error_mismatched_leading_axes():
+    xs = {"a": jnp.zeros((5, 2)), "b": jnp.zeros((6, 2))}
+    with pytest.raises(ValueError, match=r"leading \(time\) axis.*\['a'\]: 5.*\['b'\]: 6"):
+        bj.scan(lambda h, x: (h, None), jnp.zeros(2), xs)
+
+
+def test_error_length_disagrees():
+    with pytest.raises(ValueError, match=r"length=4.*disagrees.*xs, which is 5"):
+        bj.scan(good_step, jnp.zeros(2), jnp.zeros((5, 2)), length=4)
+
+
+def test_error_no_length():
+    with pytest.raises(ValueError, match="number of steps"):
+        bj.scan(good_step, jnp.zeros(2), None)
+
+
+def test_error_bad_length_type_and_value():
+    with pytest.raises(TypeError, match=r"length=.*non-negative int.*float"):
+        bj.scan(good_step, jnp.zeros(2), None, length=3.0)
+    with pytest.raises(ValueError, match="non-negative int, got -1"):
+        bj.scan(good_step, jnp.zeros(2), None, length=-1)
+
+
+def test_error_scalar_xs_leaf():
+    with pytest.raises(ValueError, match=r"xs\['b'\] is a scalar"):
+        bj.scan(good_step, jnp.zeros(2), {"a": jnp.zeros((3, 2)), "b": jnp.float64(1.0)})
+
+
+def test_error_step_changes_carry_structure():
+    step = lambda h, x: ((h, h), None)
+    with pytest.raises(TypeError, match="same pytree structure as init"):
+        bj.scan(step, jnp.zeros(2), jnp.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_error_step_changes_carry_shape(name):
+    step = lambda h, x: (jnp.concatenate([h, x]), None)
+    with pytest.raises(TypeError, match=r"init has float64\[2\], f returned float64\[4\]"):
+        bj.scan(step, jnp.zeros(2), jnp.zeros((3, 2)), remat=STRATEGIES[name])
+
+
+def test_error_step_changes_carry_dtype():
+    step = lambda c, x: ({"h": c["h"].astype(jnp.float32)}, None)
+    with pytest.raises(TypeError, match=r"carry\['h'\].*init has float64\[2\].*float32\[2\]"):
+        bj.scan(step, {"h": jnp.zeros(2)}, jnp.zeros((3, 2)))
+
+
+def test_error_step_does_not_return_pair():
+    with pytest.raises(TypeError, match=r"must return a pair \(carry, y\)"):
+        bj.scan(lambda h, x: h, jnp.zeros(2), jnp.zeros((3, 2)))
+
+
+def test_error_remat_wrong_type():
+    with pytest.raises(TypeError, match="remat=.*strategy.*got str"):
+        bj.scan(good_step, jnp.zeros(2), jnp.zeros((3, 2)), remat="every_step")
+    with pytest.raises(TypeError, match=r"got the class EveryStep; write remat=EveryStep\(\)"):
+        bj.scan(good_step, jnp.zeros(2), jnp.zeros((3, 2)), remat=bj.EveryStep)
+    with pytest.raises(TypeError, match="policy=.*callable.*str"):
+        bj.EveryStep(policy="dots")
+
+
+def test_error_truncation_wrong_type():
+    with pytest.raises(TypeError, match="truncation=.*got int"):
+        bj.scan(good_step, jnp.zeros(2), jnp.zeros((3, 2)), truncation=5)
+    with pytest.raises(TypeError, match="got the class Truncate"):
+        bj.scan(good_step, jnp.zeros(2), jnp.zeros((3, 2)), truncation=bj.Truncate)
+
+
+def test_error_f_not_callable_and_bad_flags():
+    with pytest.raises(TypeError, match="callable step"):
+        bj.scan(None, jnp.zeros(2), jnp.zeros((3, 2)))
+    with pytest.raises(TypeError, match="reverse=.*bool"):
+        bj.scan(good_step, jnp.zeros(2), jnp.zeros((3, 2)), reverse="yes")
+    with pytest.raises(TypeError, match="unroll=.*int or bool"):
+        bj.scan(good_step, jnp.zeros(2), jnp.zeros((3, 2)), unroll=2.5)
+
+
+def test_weak_typed_init_is_accepted_like_lax_scan():
+    xs = jnp.ones((4,), jnp.float32)
+    got = bj.scan(lambda c, x: (c + x, c), 0.0, xs)
+    want = jax.lax.scan(lambda c, x: (c + x, c), 0.0, xs)
+    jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -1,0 +1,274 @@
+"""Truncate and RandomTruncate against explicit references."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpttjax as bj
+
+D, H = 3, 4
+REMATS = {"StoreAll": bj.StoreAll(), "EveryStep": bj.EveryStep()}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
+
+
+def tree_rel_err(a, b):
+    return max(jax.tree.leaves(jax.tree.map(rel_err, a, b)))
+
+
+def make_params(seed=0, radius=0.95):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    q, _ = jnp.linalg.qr(jax.random.normal(k2, (H, H), jnp.float64))
+    return {
+        "W_xh": jax.random.normal(k1, (D, H), jnp.float64) / np.sqrt(D),
+        "W_hh": radius * q,
+        "W_q": jax.random.normal(k3, (H, 2), jnp.float64),
+    }
+
+
+def step(p, h, x):
+    h = jnp.tanh(x @ p["W_xh"] + h @ p["W_hh"])
+    return h, h @ p["W_q"]
+
+
+def loss(scan_fn, p, h0, xs):
+    h_T, os = scan_fn(functools.partial(step, p), h0, xs)
+    return jnp.mean(jnp.sum(jnp.sin(os) ** 2, axis=-1)) + jnp.sum(h_T)
+
+
+def chunked_scan(f, init, xs, every):
+    """Training on consecutive windows of `every` steps with the state detached between them."""
+    T = xs.shape[0]
+    carry, ys = init, []
+    for start in range(0, T, every):
+        if start > 0:
+            carry = jax.lax.stop_gradient(carry)
+        carry, y = jax.lax.scan(f, carry, xs[start : start + every])
+        ys.append(y)
+    return carry, jnp.concatenate(ys)
+
+
+def inputs(T, seed=1):
+    xs = jax.random.normal(jax.random.key(seed), (T, D), jnp.float64)
+    h0 = 0.1 * jnp.ones(H)
+    return h0, xs
+
+
+@pytest.mark.parametrize("remat", REMATS)
+@pytest.mark.parametrize(("T", "every"), [(1, 1), (7, 1), (10, 5), (23, 5), (23, 7), (12, 30)])
+def test_truncate_equals_detached_windows(remat, T, every):
+    p = make_params()
+    h0, xs = inputs(T)
+    ours = functools.partial(bj.scan, remat=REMATS[remat], truncation=bj.Truncate(every))
+    ref = functools.partial(chunked_scan, every=every)
+    fwd = ours(functools.partial(step, p), h0, xs)
+    jax.tree.map(
+        np.testing.assert_array_equal, fwd, jax.lax.scan(functools.partial(step, p), h0, xs)
+    )
+    got = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(p, h0, xs)
+    want = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(p, h0, xs)
+    assert tree_rel_err(got, want) < 1e-12
+
+
+def test_truncate_actually_cuts_and_full_length_is_bptt():
+    p = make_params()
+    h0, xs = inputs(20)
+    g = lambda tr: jax.grad(functools.partial(loss, functools.partial(bj.scan, truncation=tr)))(
+        p, h0, xs
+    )
+    full = g(None)
+    assert tree_rel_err(g(bj.Truncate(20)), full) == 0.0
+    assert tree_rel_err(g(bj.Truncate(1000)), full) == 0.0
+    assert tree_rel_err(g(bj.Truncate(4)), full) > 1e-3  # a real cut changes the gradient
+
+
+def test_truncate_reverse_windows_start_at_the_end():
+    p = make_params()
+    h0, xs = inputs(11)
+
+    def rev_loss(scan_fn, p, xs):
+        h_T, os = scan_fn(functools.partial(step, p), h0, xs)
+        return jnp.sum(os**2) + jnp.sum(h_T)
+
+    ours = functools.partial(bj.scan, reverse=True, truncation=bj.Truncate(4))
+    got = jax.grad(functools.partial(rev_loss, ours), argnums=(0, 1))(p, xs)
+    flipped = lambda f, init, xs: chunked_scan(f, init, xs[::-1], 4)
+    want = jax.grad(functools.partial(rev_loss, flipped), argnums=(0, 1))(p, xs)
+    assert tree_rel_err(got, want) < 1e-12
+
+
+def test_truncate_with_pytree_carry_and_integer_leaf():
+    p = make_params()
+    h0, xs = inputs(9)
+
+    def f(carry, x):
+        h, n = carry
+        h, o = step(p, h, x)
+        return (h, n + 1), o
+
+    def total(scan_fn, xs):
+        (h, n), os = scan_fn(f, (h0, jnp.zeros((), jnp.int32)), xs)
+        return jnp.sum(os**2) + jnp.sum(h)
+
+    ours = functools.partial(bj.scan, truncation=bj.Truncate(3), remat=bj.EveryStep())
+    ref = lambda f, init, xs: chunked_scan(f, init, xs, 3)
+    assert (
+        rel_err(
+            jax.grad(functools.partial(total, ours))(xs),
+            jax.grad(functools.partial(total, ref))(xs),
+        )
+        < 1e-12
+    )
+    assert bj.scan(f, (h0, jnp.zeros((), jnp.int32)), xs, truncation=bj.Truncate(3))[0][1] == 9
+
+
+# --- randomized truncation ---------------------------------------------------------------
+
+
+def xi_probe(keys, T, keep_prob):
+    """Read the ξ_t that RandomTruncate drew: for h_t = h_{t-1} + x_t and L = h_T,
+    ∂L/∂x_t is the product of the ξ_s for s > t."""
+    f = lambda h, x: (h + x, None)
+
+    def one(key):
+        tr = bj.RandomTruncate(key, keep_prob=keep_prob)
+        return jax.grad(lambda xs: bj.scan(f, jnp.float64(0.0), xs, truncation=tr)[0])(jnp.zeros(T))
+
+    return jax.vmap(one)(keys)
+
+
+def test_random_truncate_draws_bernoulli_scaled_by_inverse_prob():
+    keys = jax.random.split(jax.random.key(7), 20000)
+    g = np.asarray(xi_probe(keys, 3, 0.6))
+    xi2, xi1xi2 = g[:, 1], g[:, 0]
+    np.testing.assert_array_equal(g[:, 2], 1.0)  # the last input reaches L directly
+    assert set(np.unique(xi2).tolist()) == {0.0, 1 / 0.6}
+    kept = xi2 > 0
+    assert abs(kept.mean() - 0.6) < 4 * np.sqrt(0.6 * 0.4 / len(keys))
+    # independence across steps: P(both kept) = π²
+    both = xi1xi2 > 0
+    assert abs(both.mean() - 0.36) < 4 * np.sqrt(0.36 * 0.64 / len(keys))
+    assert abs(xi2.mean() - 1.0) < 4 * xi2.std() / np.sqrt(len(keys))
+
+
+def test_random_truncate_per_step_probabilities():
+    keep = jnp.array([0.5, 1.0, 0.25, 1.0])
+    g = np.asarray(xi_probe(jax.random.split(jax.random.key(3), 4000), 4, keep))
+    # ∂L/∂x_2 = ξ_3 with π_3 = 1: always kept, never rescaled
+    np.testing.assert_array_equal(g[:, 2], 1.0)
+    # ∂L/∂x_1 = ξ_2 ξ_3 = ξ_2 with π_2 = 0.25
+    assert set(np.unique(g[:, 1]).tolist()) == {0.0, 4.0}
+    assert abs((g[:, 1] > 0).mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 4000)
+
+
+def sampled_grads(keys, p, h0, xs, keep_prob, remat=REMATS["StoreAll"]):
+    def one(key):
+        tr = bj.RandomTruncate(key, keep_prob=keep_prob)
+        scan_fn = functools.partial(bj.scan, truncation=tr, remat=remat)
+        g = jax.grad(functools.partial(loss, scan_fn), argnums=(0, 1))(p, h0, xs)
+        return jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
+
+    return jax.jit(jax.vmap(one))(keys)
+
+
+def test_random_truncate_is_unbiased():
+    p = make_params(radius=1.0)
+    h0, xs = inputs(16)
+    full = jax.grad(functools.partial(loss, bj.scan), argnums=(0, 1))(p, h0, xs)
+    full = np.concatenate([x.ravel() for x in jax.tree.leaves(full)])
+    samples = np.asarray(sampled_grads(jax.random.split(jax.random.key(0), 16384), p, h0, xs, 0.7))
+    errors = {}
+    for n in (256, 4096, 16384):
+        mean = samples[:n].mean(axis=0)
+        stderr = samples[:n].std(axis=0, ddof=1) / np.sqrt(n)
+        errors[n] = np.linalg.norm(mean - full) / np.linalg.norm(full)
+        # components no cut can reach (e.g. those of the last step) have zero variance
+        noisy = stderr > 1e-9 * np.abs(full).max()
+        z = (mean - full)[noisy] / stderr[noisy]
+        assert np.max(np.abs(z)) < 5.0, (n, np.max(np.abs(z)))
+        np.testing.assert_allclose(mean[~noisy], full[~noisy], rtol=1e-10, atol=1e-12)
+    assert errors[16384] < errors[4096] < errors[256]
+    assert errors[16384] < 0.02
+    # ... while a single sample is a genuinely noisy, different estimate
+    assert np.linalg.norm(samples[0] - full) / np.linalg.norm(full) > 1e-3
+
+
+def test_random_truncate_reproducible_and_independent_of_remat():
+    p = make_params()
+    h0, xs = inputs(15)
+    keys = jax.random.split(jax.random.key(5), 8)
+    a = sampled_grads(keys, p, h0, xs, 0.5)
+    b = sampled_grads(keys, p, h0, xs, 0.5)
+    c = sampled_grads(keys, p, h0, xs, 0.5, remat=bj.EveryStep())
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(a[0], a[1])  # different keys, different truncations
+
+
+def test_random_truncate_keep_one_is_full_bptt_and_forward_unchanged():
+    p = make_params()
+    h0, xs = inputs(12)
+    tr = bj.RandomTruncate(jax.random.key(0), keep_prob=1.0)
+    ours = functools.partial(bj.scan, truncation=tr)
+    full = jax.grad(functools.partial(loss, bj.scan))(p, h0, xs)
+    assert tree_rel_err(jax.grad(functools.partial(loss, ours))(p, h0, xs), full) == 0.0
+    tr = bj.RandomTruncate(jax.random.key(0), keep_prob=0.3)
+    got = bj.scan(functools.partial(step, p), h0, xs, truncation=tr)
+    jax.tree.map(
+        np.testing.assert_array_equal, got, jax.lax.scan(functools.partial(step, p), h0, xs)
+    )
+
+
+def test_random_truncate_accepts_raw_uint32_key_and_traced_key():
+    p = make_params()
+    h0, xs = inputs(6)
+
+    @jax.jit
+    def g(key):
+        scan_fn = functools.partial(bj.scan, truncation=bj.RandomTruncate(key, 0.5))
+        return jax.grad(functools.partial(loss, scan_fn))(p, h0, xs)
+
+    raw = g(jax.random.PRNGKey(1))
+    typed = g(jax.random.key(1))
+    jax.tree.map(np.testing.assert_array_equal, raw, typed)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("every", [0, -3])
+def test_truncate_rejects_non_positive(every):
+    with pytest.raises(ValueError, match=f"every >= 1, got every={every}"):
+        bj.Truncate(every)
+
+
+@pytest.mark.parametrize("every", [2.5, "3", True, None])
+def test_truncate_rejects_non_int(every):
+    with pytest.raises(TypeError, match="Truncate\\(every=...\\) expects a positive int"):
+        bj.Truncate(every)
+
+
+@pytest.mark.parametrize("p", [0.0, -0.1, 1.5, float("nan")])
+def test_random_truncate_rejects_bad_probability(p):
+    with pytest.raises(ValueError, match=r"probabilities in \(0, 1\]"):
+        bj.RandomTruncate(jax.random.key(0), keep_prob=p)
+
+
+def test_random_truncate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"probabilities in \(0, 1\]"):
+        bj.RandomTruncate(jax.random.key(0), keep_prob=jnp.array([0.5, 0.0]))
+    with pytest.raises(TypeError, match="keep_prob=.*float in \\(0, 1\\].*str"):
+        bj.RandomTruncate(jax.random.key(0), keep_prob="high")
+    with pytest.raises(TypeError, match="key=.*PRNG key.*int"):
+        bj.RandomTruncate(0, keep_prob=0.5)
+    with pytest.raises(TypeError, match="key=.*PRNG key.*float64"):
+        bj.RandomTruncate(jnp.zeros(2), keep_prob=0.5)
+    with pytest.raises(ValueError, match=r"shape \(5,\), got shape \(3,\)"):
+        tr = bj.RandomTruncate(jax.random.key(0), keep_prob=jnp.full(3, 0.5))
+        bj.scan(lambda h, x: (h + x, None), jnp.float64(0), jnp.zeros(5), truncation=tr)
