@@ -1,0 +1,412 @@
+"""Pure recurrent steps (tanh RNN, GRU, LSTM) and adapters for Flax cells.
+
+Every step has the signature ``step(params, carry, x) -> (carry, y)``, so
+``functools.partial(step, params)`` is an ``f(carry, x)`` for
+:func:`bpttjax.scan` or ``jax.lax.scan``, and ``jax.grad`` with respect to
+``params`` is BPTT. ``x`` has shape ``(..., input_size)`` and every carry
+array ``(..., hidden_size)``, with any number of leading batch dimensions
+(none included); ``x`` and the carry must have the same number of them.
+
+Carries:
+
+- ``rnn`` and ``gru``: ``h``.
+- ``lstm``: ``(h, c)``, hidden state first (d2l's order). Flax's
+  ``LSTMCell`` uses ``(c, h)``; :func:`from_nnx` and :func:`from_linen` keep
+  Flax's own convention.
+
+Parameters are plain dicts of arrays, gates concatenated along the last axis
+so that each step does exactly one input matmul and one hidden matmul:
+
+- ``rnn``: ``W_xh (D, H)``, ``W_hh (H, H)``, ``b_h (H,)``.
+- ``gru``: ``W_x (D, 3H)``, ``W_h (H, 3H)``, ``b_x (3H,)``, ``b_hn (H,)``;
+  gate order ``r, z, n``.
+- ``lstm``: ``W_x (D, 4H)``, ``W_h (H, 4H)``, ``b (4H,)``; gate order
+  ``i, f, g, o``.
+
+Checkpoint names (for ``jax.checkpoint_policies.save_only_these_names`` and
+friends, e.g. ``bj.EveryStep(policy=...)``):
+
+- ``"input_projection"``: ``x @ W_x + b``, shape ``(..., k·H)`` with
+  ``k = 1, 3, 4`` for rnn, gru, lstm. It does not depend on the carry.
+- ``"hidden_projection"``: ``h @ W_h`` (without biases), same shape.
+
+Saving ``"hidden_projection"`` removes the recurrent matmul from the
+recomputation at the cost of ``k·H`` numbers per step and batch element.
+
+Costs in the docstrings count ``B`` (the product of the batch dimensions)
+and, for memory, the residuals plain BPTT (``bj.StoreAll()``) keeps per step
+as JAX traces them, before XLA's own optimizations.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+__all__ = [
+    "rnn",
+    "gru",
+    "lstm",
+    "init_rnn",
+    "init_gru",
+    "init_lstm",
+    "initial_carry",
+    "from_nnx",
+    "from_linen",
+]
+
+Params = dict[str, jax.Array]
+Step = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
+
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def _bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    # Explicit reshape: implicit rank promotion is an error in strict mode.
+    return y + jnp.reshape(b, (1,) * (y.ndim - 1) + b.shape)
+
+
+def _project(cell: str, x: jax.Array, h: jax.Array, W_x, W_h, b):
+    """Both projections, named for remat policies, after checking shapes."""
+    x, h = jnp.asarray(x), jnp.asarray(h)
+    if x.shape[-1:] != W_x.shape[:1]:
+        raise ValueError(
+            f"{cell}: x must have shape (..., {W_x.shape[0]}) to match the input kernel, "
+            f"got {x.shape}"
+        )
+    if h.shape[-1:] != W_h.shape[:1]:
+        raise ValueError(
+            f"{cell}: the hidden state must have shape (..., {W_h.shape[0]}), got {h.shape}"
+        )
+    if x.ndim != h.ndim:
+        raise ValueError(
+            f"{cell}: x {x.shape} and the hidden state {h.shape} must have the same "
+            "batch dimensions"
+        )
+    xw = checkpoint_name(_bias(x @ W_x, b), "input_projection")
+    hw = checkpoint_name(h @ W_h, "hidden_projection")
+    return xw, hw
+
+
+def rnn(params: Params, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step of the tanh RNN: ``h' = tanh(x W_xh + h W_hh + b_h)``, ``y = h'``.
+
+    Args:
+      params: ``{"W_xh": (D, H), "W_hh": (H, H), "b_h": (H,)}``, see
+        :func:`init_rnn`.
+      h: hidden state, shape ``(..., H)``.
+      x: input, shape ``(..., D)``.
+
+    Returns:
+      ``(h', h')``, each of shape ``(..., H)``.
+
+    Cost: ``2·B·H·(D + H)`` flops; plain BPTT keeps ``3·B·H`` numbers per step
+    (the carry, ``h'`` and ``1 - h'²``).
+
+    Example:
+      >>> params = init_rnn(jax.random.key(0), 8, 16)
+      >>> h0 = initial_carry("rnn", 16, batch_shape=(4,))
+      >>> h_T, hs = bj.scan(functools.partial(rnn, params), h0, xs)  # xs: (T, 4, 8)
+
+    Reference: d2l.ai, section 9.4.
+    """
+    xw, hw = _project("rnn", x, h, params["W_xh"], params["W_hh"], params["b_h"])
+    h_new = jnp.tanh(xw + hw)
+    return h_new, h_new
+
+
+def gru(params: Params, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step of a GRU, in the formulation of Flax's ``GRUCell`` (and cuDNN)::
+
+        r  = sigmoid(W_ir x + b_ir + W_hr h)
+        z  = sigmoid(W_iz x + b_iz + W_hz h)
+        n  = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+        h' = (1 - z) * n + z * h,    y = h'
+
+    The reset gate multiplies the *projected* hidden state, so all three
+    hidden projections come from one matmul ``h @ W_h`` that does not wait for
+    ``r``. d2l (section 10.2) applies the reset gate before the matmul,
+    ``n = tanh(W_xh x + W_hh (r * h) + b_h)``: a different model with the same
+    parameter shapes, whose candidate needs a second, sequential matmul.
+
+    Args:
+      params: ``{"W_x": (D, 3H), "W_h": (H, 3H), "b_x": (3H,), "b_hn": (H,)}``,
+        gates in the order ``r, z, n``; see :func:`init_gru`.
+      h: hidden state, shape ``(..., H)``.
+      x: input, shape ``(..., D)``.
+
+    Returns:
+      ``(h', h')``, each of shape ``(..., H)``.
+
+    Cost: ``6·B·H·(D + H)`` flops; plain BPTT keeps ``9·B·H`` numbers per step.
+
+    Warning:
+      ``flax.nnx.GRUCell`` (Flax 0.12) has no ``b_hn`` although its docstring
+      shows one; ``flax.linen.GRUCell`` has it. An nnx cell is this step with
+      ``b_hn = 0``.
+
+    Example:
+      >>> params = init_gru(jax.random.key(0), 8, 16)
+      >>> h_T, hs = bj.scan(functools.partial(gru, params), h0, xs)
+    """
+    xw, hw = _project("gru", x, h, params["W_x"], params["W_h"], params["b_x"])
+    x_r, x_z, x_n = jnp.split(xw, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(hw, 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * _bias(h_n, params["b_hn"]))
+    h_new = (1.0 - z) * n + z * h
+    return h_new, h_new
+
+
+def lstm(
+    params: Params, carry: tuple[jax.Array, jax.Array], x: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    """One step of an LSTM, the math of Flax's ``LSTMCell`` (no peepholes)::
+
+        i, f, o = sigmoid(W_x[i, f, o] x + W_h[i, f, o] h + b[i, f, o])
+        g  = tanh(W_xg x + W_hg h + b_g)
+        c' = f * c + i * g
+        h' = o * tanh(c'),    y = h'
+
+    Flax puts the single bias on the hidden projection; here it is added to
+    the input projection (the sum is the same), so that the carry-independent
+    part of each step is one named value.
+
+    Args:
+      params: ``{"W_x": (D, 4H), "W_h": (H, 4H), "b": (4H,)}``, gates in the
+        order ``i, f, g, o``; see :func:`init_lstm`.
+      carry: ``(h, c)``, hidden state first, each of shape ``(..., H)``
+        (Flax's cells use ``(c, h)``).
+      x: input, shape ``(..., D)``.
+
+    Returns:
+      ``((h', c'), h')``.
+
+    Cost: ``8·B·H·(D + H)`` flops; plain BPTT keeps ``12·B·H`` numbers per step.
+
+    Example:
+      >>> params = init_lstm(jax.random.key(0), 8, 16)
+      >>> carry0 = initial_carry("lstm", 16, batch_shape=(4,))  # (h, c)
+      >>> (h_T, c_T), hs = bj.scan(functools.partial(lstm, params), carry0, xs)
+
+    Reference: Hochreiter & Schmidhuber (1997); d2l.ai, section 10.1.
+    """
+    if not isinstance(carry, tuple | list) or len(carry) != 2:
+        raise TypeError(f"lstm: carry must be a pair (h, c), got {type(carry).__name__}")
+    h, c = carry
+    xw, hw = _project("lstm", x, h, params["W_x"], params["W_h"], params["b"])
+    i, f, g, o = jnp.split(xw + hw, 4, axis=-1)
+    c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+    return (h_new, c_new), h_new
+
+
+def _check_size(fn: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{fn}({name}=...) expects a positive int, got {type(value).__name__}: {value!r}"
+        )
+    if value <= 0:
+        raise ValueError(f"{fn}({name}=...) expects a positive int, got {value}")
+    return int(value)
+
+
+def _check_dtype(fn: str, dtype: Any) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"{fn}(dtype=...) expects a floating dtype such as jnp.float32, got {dtype!r}"
+        )
+    return dt
+
+
+def _init(fn: str, gates: int, key, input_size, hidden_size, dtype):
+    D = _check_size(fn, "input_size", input_size)
+    H = _check_size(fn, "hidden_size", hidden_size)
+    dt = _check_dtype(fn, dtype)
+    k_x, k_h = jax.random.split(key)
+    W_x = jax.nn.initializers.lecun_normal()(k_x, (D, gates * H), dt)
+    # One orthogonal matrix per gate, as Flax's per-gate recurrent kernels.
+    ortho = jax.nn.initializers.orthogonal()
+    W_h = jnp.concatenate([ortho(k, (H, H), dt) for k in jax.random.split(k_h, gates)], axis=1)
+    return W_x, W_h, jnp.zeros((gates * H,), dt), H
+
+
+def init_rnn(key: jax.Array, input_size: int, hidden_size: int, dtype: Any = jnp.float32) -> Params:
+    """Parameters for :func:`rnn`: lecun-normal ``W_xh``, orthogonal ``W_hh``, zero bias.
+
+    Args:
+      key: a PRNG key.
+      input_size: ``D``, a positive int.
+      hidden_size: ``H``, a positive int.
+      dtype: a floating dtype for every array.
+
+    Returns:
+      ``{"W_xh": (D, H), "W_hh": (H, H), "b_h": (H,)}``.
+
+    Raises:
+      TypeError: a size is not an int, or ``dtype`` is not floating.
+      ValueError: a size is not positive.
+    """
+    W_x, W_h, b, _ = _init("init_rnn", 1, key, input_size, hidden_size, dtype)
+    return {"W_xh": W_x, "W_hh": W_h, "b_h": b}
+
+
+def init_gru(key: jax.Array, input_size: int, hidden_size: int, dtype: Any = jnp.float32) -> Params:
+    """Parameters for :func:`gru`, initialized like Flax's ``GRUCell``.
+
+    Lecun-normal ``W_x``, one orthogonal ``(H, H)`` block per gate in ``W_h``,
+    zero biases. Arguments and errors as :func:`init_rnn`.
+
+    Returns:
+      ``{"W_x": (D, 3H), "W_h": (H, 3H), "b_x": (3H,), "b_hn": (H,)}``, gates
+      ``r, z, n``.
+    """
+    W_x, W_h, b, H = _init("init_gru", 3, key, input_size, hidden_size, dtype)
+    return {"W_x": W_x, "W_h": W_h, "b_x": b, "b_hn": jnp.zeros((H,), b.dtype)}
+
+
+def init_lstm(
+    key: jax.Array, input_size: int, hidden_size: int, dtype: Any = jnp.float32
+) -> Params:
+    """Parameters for :func:`lstm`, initialized like Flax's ``LSTMCell``.
+
+    Lecun-normal ``W_x``, one orthogonal ``(H, H)`` block per gate in ``W_h``,
+    zero bias (a forget-gate bias of 1 is a common alternative: set
+    ``params["b"][H:2 * H]``). Arguments and errors as :func:`init_rnn`.
+
+    Returns:
+      ``{"W_x": (D, 4H), "W_h": (H, 4H), "b": (4H,)}``, gates ``i, f, g, o``.
+    """
+    W_x, W_h, b, _ = _init("init_lstm", 4, key, input_size, hidden_size, dtype)
+    return {"W_x": W_x, "W_h": W_h, "b": b}
+
+
+def initial_carry(
+    kind: str, hidden_size: int, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Zero initial carry for :func:`rnn`, :func:`gru` or :func:`lstm`.
+
+    Args:
+      kind: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+      hidden_size: ``H``, a positive int.
+      batch_shape: leading batch dimensions, a tuple of non-negative ints.
+      dtype: a floating dtype; it must match the parameters' dtype.
+
+    Returns:
+      zeros of shape ``(*batch_shape, H)``; for ``"lstm"`` a pair ``(h, c)`` of
+      them.
+
+    Raises:
+      ValueError: unknown ``kind``, or a non-positive ``hidden_size``.
+      TypeError: ``hidden_size`` or ``batch_shape`` has the wrong type, or
+        ``dtype`` is not floating.
+    """
+    if kind not in _GATES:
+        raise ValueError(f"initial_carry(kind=...) expects one of {sorted(_GATES)}, got {kind!r}")
+    H = _check_size("initial_carry", "hidden_size", hidden_size)
+    dt = _check_dtype("initial_carry", dtype)
+    if isinstance(batch_shape, numbers.Integral) and not isinstance(batch_shape, bool):
+        batch_shape = (batch_shape,)
+    if not isinstance(batch_shape, tuple | list) or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0 for n in batch_shape
+    ):
+        raise TypeError(
+            "initial_carry(batch_shape=...) expects a tuple of non-negative ints, "
+            f"got {batch_shape!r}"
+        )
+    shape = (*(int(n) for n in batch_shape), H)
+    if kind == "lstm":
+        return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+    return jnp.zeros(shape, dt)
+
+
+def from_nnx(cell: Any) -> tuple[Step, Any]:
+    """A pure step and its parameters from a Flax NNX recurrent cell.
+
+    Args:
+      cell: an ``nnx.Module`` called as ``cell(carry, x) -> (carry, y)``, such
+        as ``nnx.SimpleCell``, ``nnx.GRUCell`` or ``nnx.LSTMCell``.
+
+    Returns:
+      ``(step, params)``: ``params`` is the ``nnx.State`` of the cell's
+      ``nnx.Param`` variables (a pytree, so ``jax.grad`` and optax work on
+      it) and ``step(params, carry, x) -> (carry, y)`` rebuilds the cell from
+      it with ``nnx.merge`` and calls it. The carry is Flax's convention:
+      ``(c, h)`` for ``LSTMCell`` (cell first, unlike :func:`lstm`), ``h``
+      for the others; build it with ``cell.initialize_carry(x.shape, rngs)``.
+      Cost: the cell's own; rebuilding is Python work at trace time only.
+
+    Raises:
+      TypeError: ``cell`` is not an ``nnx.Module`` instance.
+
+    Warning:
+      Variables other than ``nnx.Param`` (batch statistics, RNG counters) are
+      fixed at their values at the time of the call, and updates the cell
+      makes to them inside ``step`` are dropped.
+
+    Example:
+      >>> step, params = from_nnx(nnx.LSTMCell(8, 16, rngs=nnx.Rngs(0)))
+      >>> carry0 = (jnp.zeros((4, 16)), jnp.zeros((4, 16)))  # (c, h)
+      >>> loss = lambda p: bj.scan(functools.partial(step, p), carry0, xs)[1].sum()
+      >>> grads = jax.grad(loss)(params)
+    """
+    from flax import nnx
+
+    _check_module("from_nnx", cell, nnx.Module, "flax.nnx.Module")
+    graphdef, params, rest = nnx.split(cell, nnx.Param, ...)
+
+    def step(params, carry, x):
+        return nnx.merge(graphdef, params, rest)(carry, x)
+
+    return step, params
+
+
+def from_linen(module: Any) -> Step:
+    """A pure step from a Flax Linen recurrent cell.
+
+    Args:
+      module: an unbound ``flax.linen.Module`` called as
+        ``module(carry, x) -> (carry, y)``, such as ``nn.GRUCell(features=H)``.
+
+    Returns:
+      ``step(variables, carry, x) = module.apply(variables, carry, x)``, with
+      ``variables`` from ``module.init(key, carry, x)``. The carry is Flax's
+      convention: ``(c, h)`` for ``LSTMCell``, ``h`` for the others.
+
+    Raises:
+      TypeError: ``module`` is not a ``flax.linen.Module`` instance.
+
+    Example:
+      >>> cell = nn.GRUCell(features=16)
+      >>> variables = cell.init(jax.random.key(0), h0, xs[0])
+      >>> step = from_linen(cell)
+      >>> h_T, hs = bj.scan(functools.partial(step, variables), h0, xs)
+    """
+    import flax.linen as nn
+
+    _check_module("from_linen", module, nn.Module, "flax.linen.Module")
+
+    def step(variables, carry, x):
+        return module.apply(variables, carry, x)
+
+    return step
+
+
+def _check_module(fn: str, obj: Any, cls: type, cls_name: str) -> None:
+    if isinstance(obj, type) and issubclass(obj, cls):
+        raise TypeError(
+            f"{fn} expects a {cls_name} instance, got the class {obj.__name__}; "
+            "construct the cell first"
+        )
+    if not isinstance(obj, cls):
+        raise TypeError(f"{fn} expects a {cls_name} instance, got {type(obj).__name__}: {obj!r}")
