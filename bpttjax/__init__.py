@@ -7,11 +7,13 @@ private.
 """
 
 from . import cells as cells
+from . import memory as memory
 from . import reference as reference
 from . import remat as remat
 from . import truncation as truncation
 from ._scan import scan as scan
 from .remat import EveryStep as EveryStep
+from .remat import Nested as Nested
 from .remat import RematStrategy as RematStrategy
 from .remat import StoreAll as StoreAll
 from .truncation import RandomTruncate as RandomTruncate

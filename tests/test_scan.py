@@ -20,6 +20,9 @@ STRATEGIES = {
     "StoreAll": bj.StoreAll(),
     "EveryStep": bj.EveryStep(),
     "EveryStep-dots": bj.EveryStep(policy=jax.checkpoint_policies.dots_saveable),
+    "Nested2": bj.Nested(levels=2),
+    "Nested3": bj.Nested(levels=3),
+    "Nested-lengths": bj.Nested(lengths=(12, 3, 2, 4)),
 }
 LENGTHS = [1, 2, 13, 257]
 D, H = 3, 4

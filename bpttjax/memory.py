@@ -1,0 +1,239 @@
+"""Measure the memory of a compiled function, and predict a strategy's memory.
+
+Measuring reads what XLA plans for a compiled program
+(``jax.jit(fn).lower(*args).compile().memory_analysis()``): deterministic, no
+need to run it, and the same on CPU, GPU and TPU. ``temp_bytes`` is the
+working memory (for a gradient: the stored residuals and the backward pass's
+buffers); ``argument_bytes`` are the inputs, a floor no strategy can go under.
+On backends whose devices report ``memory_stats()`` (GPU, TPU),
+:func:`measure` can also run the function once and read the device's peak.
+
+Predicting uses a cost model in units a user can reason about:
+
+* ``carry_bytes``: the size of one carry (e.g. ``B·H·4`` for a float32 RNN);
+* ``residual_bytes``: what plain BPTT stores per step (several carries);
+* ``overhead_bytes``: what one level of scan needs regardless of ``T`` (chiefly
+  the gradient accumulators of the parameters).
+
+:func:`step_costs` finds ``residual_bytes`` and ``overhead_bytes`` by compiling
+the plain-scan gradient at two short lengths and taking the slope and the
+intercept, so the prediction speaks XLA's language rather than a guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from .remat import EveryStep, Nested, RematStrategy, StoreAll
+
+__all__ = ["MemoryReport", "StepCosts", "measure", "predict", "step_costs", "tree_bytes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Memory of one compiled program, in bytes.
+
+    Attributes:
+      temp_bytes: working memory XLA plans (``temp_size_in_bytes``).
+      argument_bytes: the inputs (the floor under every strategy).
+      output_bytes: the outputs.
+      alias_bytes: outputs that reuse an input's buffer.
+      peak_bytes: XLA's planned peak where the backend reports it, else None.
+      device_peak_bytes: ``memory_stats()["peak_bytes_in_use"]`` of the device
+        after one run, where the backend has memory stats and ``run=True``;
+        else None. It is the process-wide peak, so earlier work can raise it.
+    """
+
+    temp_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    peak_bytes: int | None
+    device_peak_bytes: int | None
+
+
+def measure(fn: Callable, *args: Any, run: bool = False, **kwargs: Any) -> MemoryReport:
+    """Compile ``fn(*args, **kwargs)`` with ``jax.jit`` and report its memory.
+
+    Args:
+      fn: any jittable function, typically ``jax.grad(loss)``.
+      *args, **kwargs: example inputs (arrays or ``jax.ShapeDtypeStruct``).
+      run: also execute once (only when every input is concrete) to read the
+        device's peak memory where the backend reports ``memory_stats``.
+
+    Returns:
+      A :class:`MemoryReport`.
+
+    Example:
+      >>> rep = bj.memory.measure(jax.grad(loss), params, xs)
+      >>> rep.temp_bytes / 2**20
+    """
+    if not callable(fn):
+        raise TypeError(f"measure(fn=...) expects a callable, got {type(fn).__name__}")
+    compiled = jax.jit(fn).lower(*args, **kwargs).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:  # some backends do not implement the analysis
+        raise RuntimeError(
+            f"the {jax.default_backend()} backend reports no memory analysis for compiled programs"
+        )
+    peak = getattr(stats, "peak_memory_in_bytes", None)
+    device_peak = None
+    if run:
+        jax.block_until_ready(compiled(*args, **kwargs))
+        device_peak = device_peak_bytes()
+    return MemoryReport(
+        temp_bytes=int(stats.temp_size_in_bytes),
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+        peak_bytes=int(peak) if peak else None,
+        device_peak_bytes=device_peak,
+    )
+
+
+def device_peak_bytes(device: jax.Device | None = None) -> int | None:
+    """The device's ``peak_bytes_in_use``, or None where the backend has no stats (CPU)."""
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the array leaves of ``tree`` (arrays or ShapeDtypeStructs)."""
+    return sum(
+        math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCosts:
+    """Per-step and per-level memory of a recurrent gradient, in bytes."""
+
+    carry_bytes: int
+    residual_bytes: int
+    overhead_bytes: int
+
+
+def step_costs(
+    build: Callable[[int], tuple[Callable, tuple]],
+    carry_bytes: int,
+    lengths: tuple[int, int] = (64, 128),
+) -> StepCosts:
+    """Find what plain BPTT stores per step by compiling it at two short lengths.
+
+    Args:
+      build: ``build(T) -> (fn, args)``, the gradient computation with
+        ``remat=bj.StoreAll()`` for a sequence of ``T`` steps (``args`` may be
+        ``jax.ShapeDtypeStruct``; nothing is run).
+      carry_bytes: bytes of one carry (see :func:`tree_bytes`).
+      lengths: the two lengths compiled; the slope between them is
+        ``residual_bytes`` and the intercept ``overhead_bytes``.
+
+    Returns:
+      :class:`StepCosts` to pass to :func:`predict`.
+    """
+    t1, t2 = lengths
+    if not (0 < t1 < t2):
+        raise ValueError(f"step_costs(lengths=...) expects 0 < T1 < T2, got {lengths}")
+    temps = []
+    for T in (t1, t2):
+        fn, args = build(T)
+        temps.append(measure(fn, *args).temp_bytes)
+    slope = (temps[1] - temps[0]) / (t2 - t1)
+    return StepCosts(
+        carry_bytes=int(carry_bytes),
+        residual_bytes=int(round(slope)),
+        overhead_bytes=max(0, int(round(temps[0] - slope * t1))),
+    )
+
+
+def predict(
+    remat: RematStrategy,
+    length: int,
+    carry_bytes: int,
+    residual_bytes: int,
+    overhead_bytes: int = 0,
+) -> int:
+    """Predict the temporary bytes of a gradient through ``bj.scan(..., remat=remat)``.
+
+    The model counts what each strategy keeps alive at the peak of the
+    backward pass: ``StoreAll`` all ``T`` steps of residuals; ``EveryStep``
+    ``T`` carries plus one step's residuals; ``Nested`` the carries stored by
+    each level (including the remainder blocks the schedule really runs) plus
+    one innermost block of residuals. Each scan level adds ``overhead_bytes``.
+
+    Args:
+      remat: the strategy.
+      length: ``T``.
+      carry_bytes: bytes of one carry.
+      residual_bytes: bytes plain BPTT stores per step (see :func:`step_costs`).
+      overhead_bytes: per-level constant (see :func:`step_costs`).
+
+    Returns:
+      Predicted ``temp_bytes`` (an int).
+    """
+    if not isinstance(remat, RematStrategy):
+        raise TypeError(
+            f"predict(remat=...) expects a bpttjax strategy, got {type(remat).__name__}"
+        )
+    for name, value in (
+        ("length", length),
+        ("carry_bytes", carry_bytes),
+        ("residual_bytes", residual_bytes),
+        ("overhead_bytes", overhead_bytes),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise ValueError(f"predict({name}=...) expects a non-negative int, got {value!r}")
+    C, R, over = carry_bytes, residual_bytes, overhead_bytes
+    if isinstance(remat, StoreAll):
+        return length * R + over
+    if isinstance(remat, EveryStep):
+        return length * C + R + over
+    if isinstance(remat, Nested):
+        # bj.scan estimates R/C from the traced step; the measured ratio is
+        # the best stand-in here, so the two schedules can differ slightly.
+        lengths = remat.level_lengths(length, R / C if C else 1.0)
+        return _nested_bytes(length, lengths, C, R) + _nested_loops(length, lengths) * over
+    raise TypeError(f"predict has no memory model for {type(remat).__name__}")
+
+
+def _nested_bytes(n: int, lengths: tuple[int, ...], C: int, R: int) -> int:
+    """Peak stored bytes of the schedule ``_nested_scan`` runs for ``n`` steps."""
+    if n == 0:
+        return 0
+    if len(lengths) == 1 or n == 1:
+        return n * R
+    block = math.prod(lengths[1:])
+    q, r = divmod(n, block)
+    if q == 0:
+        return _nested_bytes(n, lengths[1:], C, R)
+    inner = _nested_bytes(block, lengths[1:], C, R)
+    if r:
+        # the remainder runs after the blocks and is differentiated first,
+        # while the q block carries are still stored
+        inner = max(inner, _nested_bytes(r, lengths[1:], C, R))
+    return q * C + inner
+
+
+def _nested_loops(n: int, lengths: tuple[int, ...]) -> int:
+    """How many distinct scan loops the schedule compiles (each has its own accumulators)."""
+    if len(lengths) == 1 or n <= 1:
+        return 1
+    block = math.prod(lengths[1:])
+    q, r = divmod(n, block)
+    if q == 0:
+        return _nested_loops(n, lengths[1:])
+    return 1 + max(_nested_loops(block, lengths[1:]), _nested_loops(r, lengths[1:]) if r else 0)

@@ -1,0 +1,67 @@
+"""The benchmark model shared by the experiment scripts and their tests.
+
+A recurrent cell from ``bpttjax.cells`` with a linear read-out and a per-step
+squared-error loss, ``l_t = mean((h_t W_out - x_t)^2)``, averaged over time;
+the gradient is taken with respect to every parameter (cell and read-out).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import bpttjax as bj
+
+CELLS = ("rnn", "gru", "lstm")
+
+
+def init_model(key, cell: str, input_size: int, hidden_size: int, dtype=jnp.float32):
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    k1, k2 = jax.random.split(key)
+    params = getattr(bj.cells, f"init_{cell}")(k1, input_size, hidden_size, dtype=dtype)
+    w_out = jax.random.normal(k2, (hidden_size, input_size), dtype) / hidden_size**0.5
+    return {"cell": params, "W_out": w_out}
+
+
+def hidden(cell: str, carry):
+    return carry[0] if cell == "lstm" else carry
+
+
+def make_step(cell: str, params):
+    cell_step = getattr(bj.cells, cell)
+
+    def step(carry, x):
+        carry, _ = cell_step(params["cell"], carry, x)
+        err = hidden(cell, carry) @ params["W_out"] - x
+        return carry, jnp.mean(err * err)
+
+    return step
+
+
+def loss(params, xs, *, cell: str, remat=None, scan=None):
+    """Mean per-step loss over ``xs: (T, B, D)``; ``scan`` defaults to ``bj.scan``."""
+    batch = xs.shape[1:-1]
+    hidden_size = params["W_out"].shape[0]
+    h0 = bj.cells.initial_carry(cell, hidden_size, batch, dtype=xs.dtype)
+    step = make_step(cell, params)
+    if scan is None:
+        scan = functools.partial(bj.scan, remat=remat or bj.StoreAll())
+    _, losses = scan(step, h0, xs)
+    return jnp.mean(losses)
+
+
+def abstract_inputs(cell: str, T: int, batch: int, input_size: int, hidden_size: int, dtype):
+    """ShapeDtypeStructs for (params, xs): compile without allocating."""
+    params = jax.eval_shape(
+        lambda: init_model(jax.random.key(0), cell, input_size, hidden_size, dtype)
+    )
+    xs = jax.ShapeDtypeStruct((T, batch, input_size), jnp.dtype(dtype))
+    return params, xs
+
+
+def carry_bytes(cell: str, batch: int, hidden_size: int, dtype) -> int:
+    carry = jax.eval_shape(lambda: bj.cells.initial_carry(cell, hidden_size, (batch,), dtype))
+    return bj.memory.tree_bytes(carry)
