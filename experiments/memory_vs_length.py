@@ -67,7 +67,7 @@ except ImportError:
 BASELINE = "lax.scan"
 CSV_NAME = "memory_vs_length.csv"
 PNG_NAME = "memory_vs_length.png"
-DEFAULT_LENGTHS = (100, 300, 1000, 3000, 10000)
+DEFAULT_LENGTHS = (100, 300, 1000, 3000, 10000, 30000, 100000)
 DEFAULT_MAX_TIME_LENGTH = 3000
 README_LENGTHS = (1000, 10000)
 FIELDS = (
