@@ -45,6 +45,8 @@ class MemoryReport:
       output_bytes: the outputs.
       alias_bytes: outputs that reuse an input's buffer.
       peak_bytes: XLA's planned peak where the backend reports it, else None.
+        On CPU (jax 0.10) it was observed to count arguments and outputs but
+        not ``temp_bytes``, so it understates the real peak there.
       device_peak_bytes: ``memory_stats()["peak_bytes_in_use"]`` of the device
         after one run, where the backend has memory stats and ``run=True``;
         else None. It is the process-wide peak, so earlier work can raise it.
