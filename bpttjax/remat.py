@@ -222,7 +222,9 @@ class Nested(RematStrategy):
 
     Args:
       levels: number of levels ``L >= 1``; the level lengths are then chosen
-        from ``T`` at trace time, about ``T**(1/L)`` each.
+        from ``T`` at trace time, about ``T**(1/L)`` each, the innermost
+        shortened by the step's residual-to-carry ratio (estimated by tracing
+        the step's VJP once more, abstractly; pass ``lengths`` to skip that).
       lengths: explicit level lengths, outermost first (overrides
         ``levels``); their product must be at least ``T``.
 
