@@ -1,12 +1,13 @@
 """bpttjax: backpropagation through time in JAX, with memory you choose.
 
 The public API is what this module re-exports, plus the documented
-submodules ``bpttjax.cells``, ``bpttjax.reference``, ``bpttjax.remat`` and
-``bpttjax.truncation``. Modules whose names start with an underscore are
-private.
+submodules ``bpttjax.cells``, ``bpttjax.diagnostics``, ``bpttjax.memory``,
+``bpttjax.reference``, ``bpttjax.remat`` and ``bpttjax.truncation``. Modules
+whose names start with an underscore are private.
 """
 
 from . import cells as cells
+from . import diagnostics as diagnostics
 from . import memory as memory
 from . import reference as reference
 from . import remat as remat
