@@ -112,7 +112,7 @@ def scan(
     def truncated_step(state, x):
         n, carry = state
         t = T - 1 - n if reverse else n
-        s = truncation._scale(n, t, T)
+        s = truncation._scale(n, t)
         carry = jax.tree.map(lambda c: _scale_leaf(c, s), carry)
         carry, y = step(carry, x)
         return (n + 1, carry), y

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._scan import _check_length, _checked_step
+from ._scan import _STORE_ALL, _check_length, _checked_step
 from ._scan import scan as _bj_scan
-from .remat import RematStrategy, StoreAll
+from .remat import RematStrategy
 from .truncation import TruncationStrategy
 
 Carry = TypeVar("Carry")
@@ -47,8 +47,6 @@ __all__ = [
     "jacobian_product_spectrum",
     "spectral_radius",
 ]
-
-_STORE_ALL = StoreAll()
 
 
 def carry_grads(

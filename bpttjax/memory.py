@@ -208,34 +208,26 @@ def predict(
         # bj.scan estimates R/C from the traced step; the measured ratio is
         # the best stand-in here, so the two schedules can differ slightly.
         lengths = remat.level_lengths(length, R / C if C else 1.0)
-        return _nested_bytes(length, lengths, C, R) + _nested_loops(length, lengths) * over
+        stored, loops = _nested_peak(length, lengths, C, R)
+        return stored + loops * over
     raise TypeError(f"predict has no memory model for {type(remat).__name__}")
 
 
-def _nested_bytes(n: int, lengths: tuple[int, ...], C: int, R: int) -> int:
-    """Peak stored bytes of the schedule ``_nested_scan`` runs for ``n`` steps."""
-    if n == 0:
-        return 0
-    if len(lengths) == 1 or n == 1:
-        return n * R
+def _nested_peak(n: int, lengths: tuple[int, ...], C: int, R: int) -> tuple[int, int]:
+    """Stored bytes and live scan loops at the peak of the schedule ``_nested_scan`` runs.
+
+    Each live loop holds its own gradient accumulators, hence the loop count.
+    """
+    if len(lengths) == 1 or n <= 1:
+        return n * R, 1
     block = math.prod(lengths[1:])
     q, r = divmod(n, block)
     if q == 0:
-        return _nested_bytes(n, lengths[1:], C, R)
-    inner = _nested_bytes(block, lengths[1:], C, R)
+        return _nested_peak(n, lengths[1:], C, R)
+    stored, loops = _nested_peak(block, lengths[1:], C, R)
     if r:
         # the remainder runs after the blocks and is differentiated first,
         # while the q block carries are still stored
-        inner = max(inner, _nested_bytes(r, lengths[1:], C, R))
-    return q * C + inner
-
-
-def _nested_loops(n: int, lengths: tuple[int, ...]) -> int:
-    """How many distinct scan loops the schedule compiles (each has its own accumulators)."""
-    if len(lengths) == 1 or n <= 1:
-        return 1
-    block = math.prod(lengths[1:])
-    q, r = divmod(n, block)
-    if q == 0:
-        return _nested_loops(n, lengths[1:])
-    return 1 + max(_nested_loops(block, lengths[1:]), _nested_loops(r, lengths[1:]) if r else 0)
+        r_stored, r_loops = _nested_peak(r, lengths[1:], C, R)
+        stored, loops = max(stored, r_stored), max(loops, r_loops)
+    return q * C + stored, 1 + loops

@@ -192,16 +192,11 @@ def _nested_scan(f, carry, xs, start, n, lengths, reverse, unroll):
         return _nested_scan(f, c, xs, first + i * block, block, lengths[1:], reverse, unroll)
 
     blocks = jnp.arange(q, dtype=jnp.int32)
-    if reverse and r:
-        carry, ys_full = jax.lax.scan(block_fn, carry, blocks, reverse=True)
-        carry, ys_rem = _nested_scan(f, carry, xs, start, r, lengths[1:], reverse, unroll)
-    else:
-        carry, ys_full = jax.lax.scan(block_fn, carry, blocks, reverse=reverse)
-        ys_rem = None
-        if r:
-            carry, ys_rem = _nested_scan(
-                f, carry, xs, start + q * block, r, lengths[1:], reverse, unroll
-            )
+    carry, ys_full = jax.lax.scan(block_fn, carry, blocks, reverse=reverse)
+    ys_rem = None
+    if r:
+        rem_start = start if reverse else start + q * block
+        carry, ys_rem = _nested_scan(f, carry, xs, rem_start, r, lengths[1:], reverse, unroll)
     ys_full = jax.tree.map(lambda y: y.reshape((q * block,) + y.shape[2:]), ys_full)
     if ys_rem is None:
         return carry, ys_full

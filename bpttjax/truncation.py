@@ -34,7 +34,7 @@ __all__ = ["TruncationStrategy", "Truncate", "RandomTruncate"]
 class TruncationStrategy:
     """Base class of the truncation strategies (not public API to subclass).
 
-    ``_scale(n, t, length)`` returns the factor applied to the cotangent of the
+    ``_scale(n, t)`` returns the factor applied to the cotangent of the
     carry entering processing step ``n`` (``t`` is the index of that step in
     ``xs``; ``t == n`` unless ``reverse=True``). It is called inside the
     traced scan body; ``_check(length)`` is called once at the public boundary.
@@ -43,7 +43,7 @@ class TruncationStrategy:
     def _check(self, length: int) -> None:
         pass
 
-    def _scale(self, n: jax.Array, t: jax.Array, length: int) -> jax.Array:
+    def _scale(self, n: jax.Array, t: jax.Array) -> jax.Array:
         raise NotImplementedError
 
 
@@ -78,8 +78,8 @@ class Truncate(TruncationStrategy):
         if self.every <= 0:
             raise ValueError(f"Truncate(every=...) expects every >= 1, got every={self.every}")
 
-    def _scale(self, n, t, length):
-        del t, length
+    def _scale(self, n, t):
+        del t
         cut = (n > 0) & (n % self.every == 0)
         return jnp.where(cut, 0.0, 1.0)
 
@@ -166,7 +166,7 @@ class RandomTruncate(TruncationStrategy):
                 f"({length},), got shape {np.shape(self.keep_prob)}"
             )
 
-    def _scale(self, n, t, length):
+    def _scale(self, n, t):
         p = jnp.asarray(self.keep_prob)
         if p.ndim == 1:
             p = p[t]

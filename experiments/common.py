@@ -7,6 +7,7 @@ the gradient is taken with respect to every parameter (cell and read-out).
 
 from __future__ import annotations
 
+import argparse
 import functools
 
 import jax
@@ -65,3 +66,22 @@ def abstract_inputs(cell: str, T: int, batch: int, input_size: int, hidden_size:
 def carry_bytes(cell: str, batch: int, hidden_size: int, dtype) -> int:
     carry = jax.eval_shape(lambda: bj.cells.initial_carry(cell, hidden_size, (batch,), dtype))
     return bj.memory.tree_bytes(carry)
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a {what} int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expects a {what} int, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1, "positive")
+"""argparse type: an int >= 1 (``1_000_000`` is accepted, as by ``int``)."""
+non_negative_int = _int_at_least(0, "non-negative")
+"""argparse type: an int >= 0."""

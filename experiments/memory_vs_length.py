@@ -257,26 +257,6 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a positive int, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a non-negative int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expects a non-negative int, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -290,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {','.join(map(str, DEFAULT_LENGTHS))}; with --table: those in the CSV)",
     )
     parser.add_argument("--cell", choices=common.CELLS, default="rnn")
-    parser.add_argument("--batch", type=_positive_int, default=32)
-    parser.add_argument("--input", type=_positive_int, default=64)
-    parser.add_argument("--hidden", type=_positive_int, default=256)
+    parser.add_argument("--batch", type=common.positive_int, default=32)
+    parser.add_argument("--input", type=common.positive_int, default=64)
+    parser.add_argument("--hidden", type=common.positive_int, default=256)
     parser.add_argument("--dtype", default="float32", help="a floating dtype")
     parser.add_argument(
         "--methods",
@@ -301,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated subset (default: all) of: " + ", ".join(METHOD_NAMES),
     )
     parser.add_argument(
-        "--repeats", type=_positive_int, default=5, help="timed rounds (default 5, as DESIGN.md)"
+        "--repeats",
+        type=common.positive_int,
+        default=5,
+        help="timed rounds (default 5, as DESIGN.md)",
     )
     parser.add_argument(
         "--memory-limit",
@@ -312,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-time-length",
-        type=_non_negative_int,
+        type=common.non_negative_int,
         default=DEFAULT_MAX_TIME_LENGTH,
         help=f"measure only memory for T above this (default {DEFAULT_MAX_TIME_LENGTH})",
     )

@@ -74,23 +74,13 @@ def stream_loss(params, key, *, cell, length, batch, input_size, remat):
     return jnp.mean(losses)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=positive_int, default=1_000_000)
+    parser.add_argument("--length", type=common.positive_int, default=1_000_000)
     parser.add_argument("--cell", choices=common.CELLS, default="rnn")
-    parser.add_argument("--batch", type=positive_int, default=32)
-    parser.add_argument("--input", type=positive_int, default=64)
-    parser.add_argument("--hidden", type=positive_int, default=256)
+    parser.add_argument("--batch", type=common.positive_int, default=32)
+    parser.add_argument("--input", type=common.positive_int, default=64)
+    parser.add_argument("--hidden", type=common.positive_int, default=256)
     parser.add_argument("--remat", choices=sorted(STRATEGIES), default="nested3")
     parser.add_argument(
         "--check",
