@@ -1,0 +1,227 @@
+"""experiments/char_lm.py: corpus, partitioning, loss, training, resume, sampling."""
+
+import csv
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import char_lm  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+    # optax's Adam computes ``decay ** count`` (float ** int32), which the
+    # suite's strict dtype promotion rejects; the experiment is optax's user.
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def text():
+    return char_lm.load_text(None, max_chars=60_000)
+
+
+def test_default_corpus_is_deterministic_english_text():
+    a = char_lm.stdlib_docstrings()
+    b = char_lm.stdlib_docstrings()
+    assert a == b
+    clean = char_lm.preprocess(a)
+    assert len(clean) > 200_000
+    assert re.fullmatch("[a-z ]+", clean)
+    words = clean.split()
+    # real English prose: the commonest words are English function words
+    common = {w for w, _ in zip(*np.unique(words, return_counts=True), strict=True)}
+    assert {"the", "of", "and", "is", "to"} <= common
+    assert words.count("the") / len(words) > 0.02
+
+
+def test_preprocess_is_d2l():
+    assert (
+        char_lm.preprocess("The Time-Machine, by H. G. Wells!\n") == "the time machine by h g wells"
+    )
+
+
+def test_vocab_round_trip(text):
+    vocab = char_lm.Vocab.build(text)
+    assert len(vocab) == 27  # 26 letters and the space
+    assert vocab.decode(vocab.encode(text[:500])) == text[:500]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        vocab.encode("abc!")
+
+
+@pytest.mark.parametrize("partition", char_lm.PARTITIONS)
+def test_minibatches(partition):
+    # token i at position i: every row shows where in the text it was cut
+    tokens = np.arange(3001, dtype=np.int32)
+    kw = dict(batch=4, num_steps=7, partition=partition, seed=3)
+    per_epoch = char_lm.steps_per_epoch(len(tokens), 4, 7)
+    assert per_epoch == (3001 - 7) // 28
+    batches = [char_lm.minibatch(tokens, i, **kw) for i in range(2 * per_epoch)]
+    for X, Y, _ in batches:
+        assert X.shape == Y.shape == (4, 7)
+        np.testing.assert_array_equal(Y, X + 1)  # the next character
+        np.testing.assert_array_equal(np.diff(X, axis=1), 1)  # contiguous text
+    # deterministic: a pure function of the step (what makes resuming exact)
+    np.testing.assert_array_equal(char_lm.minibatch(tokens, 5, **kw)[0], batches[5][0])
+    resets = [r for _, _, r in batches]
+    for epoch in range(2):
+        ep = batches[epoch * per_epoch : (epoch + 1) * per_epoch]
+        starts = np.concatenate([X[:, 0] for X, _, _ in ep])
+        offset = starts.min() % 7
+        assert 0 <= offset < 7
+        if partition == "sequential":
+            assert resets[epoch * per_epoch] and not any(
+                resets[epoch * per_epoch + 1 :][: per_epoch - 1]
+            )
+            for (_, Y0, _), (X1, _, _) in zip(ep[:-1], ep[1:], strict=True):
+                np.testing.assert_array_equal(X1[:, 0], Y0[:, -1])  # rows continue
+        else:
+            assert all(resets)
+            assert len(set(starts.tolist())) == len(starts)  # no subsequence twice an epoch
+            assert np.all(starts % 7 == offset)  # non-overlapping windows of the epoch
+            assert not np.all(np.diff(starts) > 0)  # shuffled
+
+
+def test_minibatch_too_short():
+    with pytest.raises(ValueError, match="too short"):
+        char_lm.minibatch(
+            np.zeros(50, np.int32), 0, batch=4, num_steps=20, partition="random", seed=0
+        )
+
+
+@pytest.mark.parametrize("cell", char_lm.CELLS)
+def test_loss_is_mean_cross_entropy(cell):
+    """Against a Python loop over the steps and a log-softmax written out."""
+    model = char_lm.Model(cell, vocab=11, hidden=6)
+    params = model.init(jax.random.key(1))
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.integers(11, size=(3, 9)), jnp.int32)
+    Y = jnp.asarray(rng.integers(11, size=(3, 9)), jnp.int32)
+    carry = model.initial_carry(3)
+    nll, final = model.loss(params, carry, X, Y)
+    step = getattr(char_lm.bj.cells, cell)
+    total = 0.0
+    for t in range(9):
+        carry, _ = step(params["cell"], carry, jnp.eye(11, dtype=jnp.float32)[X[:, t]])
+        h = carry[0] if cell == "lstm" else carry
+        z = np.asarray(h @ params["W_out"], np.float64) + np.asarray(params["b_out"])
+        logp = (
+            z
+            - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+            - z.max(1, keepdims=True)
+        )
+        total += -logp[np.arange(3), np.asarray(Y[:, t])].mean()
+    np.testing.assert_allclose(float(nll), total / 9, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(carry), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_truncation_and_remat_in_the_model():
+    model = char_lm.Model("gru", vocab=9, hidden=5)
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    X, Y = (jnp.asarray(rng.integers(9, size=(2, 12)), jnp.int32) for _ in range(2))
+    carry = model.initial_carry(2)
+
+    def grad(spec, remat="store_all"):
+        tr = char_lm.truncation_from_spec(spec, jax.random.key(4))
+        loss = lambda p: model.loss(p, carry, X, Y, truncation=tr, remat=char_lm.REMATS[remat]())
+        return np.concatenate(
+            [np.ravel(g) for g in jax.tree.leaves(jax.grad(lambda p: loss(p)[0])(params))]
+        )
+
+    full = grad("full")
+    np.testing.assert_allclose(grad("truncate:12"), full, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grad("full", "nested2"), full, rtol=1e-5, atol=1e-7)
+    assert np.linalg.norm(grad("truncate:2") - full) > 1e-3 * np.linalg.norm(full)
+    with pytest.raises(ValueError, match="truncation must be"):
+        char_lm.truncation_from_spec("sometimes")
+    with pytest.raises(ValueError, match="bad truncation"):
+        char_lm.truncation_from_spec("random:1.5")
+
+
+def _small(**kw):
+    return char_lm.Config(hidden=16, batch=8, num_steps=10, max_chars=30_000, **kw)
+
+
+def test_training_learns_and_resumes_exactly(tmp_path, text):
+    text = text[:30_000]
+    cfg = _small(partition="sequential", truncation="random:0.8")
+    straight = char_lm.train(
+        cfg, steps=40, out=str(tmp_path / "a"), name="m", eval_every=10, text=text
+    )
+    char_lm.train(cfg, steps=20, out=str(tmp_path / "b"), name="m", eval_every=10, text=text)
+    resumed = char_lm.train(
+        cfg, steps=40, out=str(tmp_path / "b"), name="m", eval_every=10, text=text
+    )
+    for a, b in zip(
+        jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    rows = list(csv.DictReader((tmp_path / "b" / "m.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    ppl = [r["val_perplexity"] for r in straight["rows"]]
+    assert ppl[-1] < 0.85 * 27  # below the uniform model's perplexity, the vocabulary size
+    assert ppl[-1] < ppl[0]
+    # another configuration must not silently overwrite or reuse the checkpoint
+    with pytest.raises(ValueError, match="another configuration"):
+        char_lm.train(
+            dataclasses.replace(cfg, lr=1e-2),
+            steps=40,
+            out=str(tmp_path / "b"),
+            name="m",
+            text=text,
+        )
+
+
+def test_predict(tmp_path, text):
+    result = char_lm.train(_small(), steps=1, out=str(tmp_path), name="p", text=text[:30_000])
+    args = (result["model"], result["params"], result["vocab"], "The Time", 25)
+    greedy = char_lm.predict(*args)
+    assert greedy.startswith("the time") and len(greedy) == len("the time") + 25
+    assert greedy == char_lm.predict(*args)
+    sampled = [char_lm.predict(*args, temperature=1.0, seed=s) for s in range(4)]
+    assert len(set(sampled)) > 1
+    assert set("".join(sampled)) <= set(result["vocab"].chars)
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--impl", "nnx", "--cell", "lstm", "--partition", "sequential"]]
+)
+def test_quick_run_writes_files(tmp_path, extra):
+    result = char_lm.main(["--quick", "--out", str(tmp_path), *extra])
+    name = "char_lm_lstm_nnx" if extra else "char_lm_gru"
+    for suffix in (".csv", ".ckpt", ".png", "_sample.txt"):
+        assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
+    assert result["rows"][-1]["val_perplexity"] < 0.85 * 27
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--corpus", "/no/such/file"],
+        ["--truncation", "sometimes"],
+        ["--steps", "0"],
+        ["--temperature", "-1"],
+        ["--max-chars", "500"],
+    ],
+)
+def test_bad_arguments(tmp_path, argv):
+    with pytest.raises(SystemExit):
+        char_lm.main(["--quick", "--out", str(tmp_path), *argv])
+
+
+def test_corpus_not_utf8(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 ".encode("latin-1") * 500)
+    with pytest.raises(SystemExit):
+        char_lm.main(["--quick", "--corpus", str(path), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="not UTF-8"):
+        char_lm.load_text(str(path))
