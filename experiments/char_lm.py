@@ -588,6 +588,7 @@ def main(argv=None) -> dict:
     except (OSError, ValueError) as e:
         parser.error(str(e))
     name = f"char_lm_{args.cell}" + ("_nnx" if args.impl == "nnx" else "")
+    name += "_sequential" if args.partition == "sequential" else ""
     print(
         f"corpus: {len(text):,} characters, {len(set(text))} tokens; {args.cell} ({args.impl}) "
         f"hidden {args.hidden}, batch {args.batch} x {args.num_steps} steps, {args.partition} "

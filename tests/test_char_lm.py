@@ -197,7 +197,7 @@ def test_predict(tmp_path, text):
 )
 def test_quick_run_writes_files(tmp_path, extra):
     result = char_lm.main(["--quick", "--out", str(tmp_path), *extra])
-    name = "char_lm_lstm_nnx" if extra else "char_lm_gru"
+    name = "char_lm_lstm_nnx_sequential" if extra else "char_lm_gru"
     for suffix in (".csv", ".ckpt", ".png", "_sample.txt"):
         assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
     assert result["rows"][-1]["val_perplexity"] < 0.85 * 27
