@@ -52,7 +52,6 @@ import json
 import math
 import os
 import re
-import sys
 import sysconfig
 import time
 
@@ -64,9 +63,9 @@ import optax
 import bpttjax as bj
 
 try:
-    from experiments.common import non_negative_int, positive_int
+    from experiments.common import non_negative_int, positive_int, progress, save_figure
 except ImportError:  # run as a script: experiments/ is on sys.path
-    from common import non_negative_int, positive_int
+    from common import non_negative_int, positive_int, progress, save_figure
 
 CELLS = ("rnn", "gru", "lstm")
 PARTITIONS = ("random", "sequential")
@@ -389,14 +388,6 @@ def make_train_step(model: Model, cfg: Config):
     return train_step
 
 
-def _progress(total, initial, desc):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the experiments extra; run without a bar
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty())
-
-
 FIELDS = ("step", "train_perplexity", "val_perplexity", "seconds")
 
 
@@ -460,7 +451,7 @@ def train(
     start = int(state["step"])
     elapsed0 = rows[-1]["seconds"] if rows else 0.0
     t0, nll_sum, nll_count = time.perf_counter(), 0.0, 0
-    bar = _progress(steps, start, name)
+    bar = progress(total=steps, initial=start, desc=name)
     for step in range(start, steps):
         X, Y, reset = minibatch(
             train_tokens,
@@ -645,10 +636,7 @@ def plot(curves: dict[str, list[dict]], path: str, title: str = "") -> str:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"character language model {title} ({jax.default_backend()})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

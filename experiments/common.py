@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +86,26 @@ positive_int = _int_at_least(1, "positive")
 """argparse type: an int >= 1 (``1_000_000`` is accepted, as by ``int``)."""
 non_negative_int = _int_at_least(0, "non-negative")
 """argparse type: an int >= 0."""
+
+
+def progress(iterable=None, *, total=None, desc=None, initial=0):
+    """A tqdm bar when stderr is a terminal; without tqdm, ``iterable`` itself.
+
+    tqdm comes with the ``experiments`` extra; the scripts run without it.
+    With ``iterable=None`` the bar is updated by hand (``None`` without tqdm).
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty())
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Lay out, write and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

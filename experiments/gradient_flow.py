@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 
 import jax
 
@@ -33,15 +32,12 @@ import numpy as np  # noqa: E402
 
 import bpttjax as bj  # noqa: E402
 
+try:
+    from experiments.common import progress, save_figure
+except ImportError:  # run as a script: experiments/ is on sys.path
+    from common import progress, save_figure
+
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
-
-
-def _progress(iterable, total, desc):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the experiments extra; run without a bar
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=not sys.stderr.isatty())
 
 
 def orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -110,7 +106,7 @@ def main(argv=None) -> dict:
 
     rows, curves = [], {}
     jobs = [(kind, rho) for kind in ("linear", "tanh") for rho in RHOS]
-    for kind, rho in _progress(jobs, len(jobs), "gradient flow"):
+    for kind, rho in progress(jobs, total=len(jobs), desc="gradient flow"):
         norms = grad_norms(kind, rho, args.length, args.hidden)
         curves[(kind, rho)] = norms
         rate = fit_rate(norms)
@@ -183,10 +179,7 @@ def plot(curves, cosines, args, path):
     ax2.set_ylim(0, 1.05)
     ax2.grid(True, alpha=0.3)
     fig.suptitle(f"T={args.length}, hidden={args.hidden}, float64, {jax.default_backend()}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

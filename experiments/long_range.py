@@ -76,7 +76,6 @@ import argparse
 import csv
 import math
 import os
-import sys
 import time
 
 import jax
@@ -98,14 +97,6 @@ INITS = ("chrono", "forget1", "zero")
 FIELDS = ("step", "method", "train_mse", "eval_mse", "wall_s")
 CSV_NAME = "long_range.csv"
 PNG_NAME = "long_range.png"
-
-
-def _progress(iterable, total, desc):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the experiments extra; run without a bar
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=not sys.stderr.isatty())
 
 
 def marker_region(length: int, placement: str, min_gap: int) -> tuple[int, int]:
@@ -243,7 +234,7 @@ def train(method, truncate, params, eval_data, args, writer, fh):
 
     start = time.perf_counter()
     record(0, start)
-    for step in _progress(range(1, args.steps + 1), args.steps, method):
+    for step in common.progress(range(1, args.steps + 1), total=args.steps, desc=method):
         params, opt_state, loss = train_step(params, opt_state, jax.random.fold_in(data_key, step))
         losses.append(loss)
         if step % args.eval_every == 0 or step == args.steps:
@@ -410,10 +401,7 @@ def plot(curves, args, floor, path):
     )
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 
 import jax
@@ -44,18 +43,10 @@ import numpy as np
 
 try:
     from experiments import char_lm
-    from experiments.common import non_negative_int, positive_int
+    from experiments.common import non_negative_int, positive_int, progress, save_figure
 except ImportError:  # run as a script: experiments/ is on sys.path
     import char_lm
-    from common import non_negative_int, positive_int
-
-
-def _progress(iterable, total, desc):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the experiments extra; run without a bar
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=not sys.stderr.isatty())
+    from common import non_negative_int, positive_int, progress, save_figure
 
 
 def _flat(tree) -> jax.Array:
@@ -98,7 +89,7 @@ def gradient_bias(grad, ks, probs, samples: int, seed: int):
     jobs = [(p, s) for p in probs for s in range(samples)]
     draws = {p: [] for p in probs}
     base = jax.random.key(seed)
-    for p, s in _progress(jobs, len(jobs), "gradient samples"):
+    for p, s in progress(jobs, total=len(jobs), desc="gradient samples"):
         key = jax.random.fold_in(jax.random.fold_in(base, int(round(p * 1e6))), s)
         draws[p].append(np.asarray(grad(f"random:{p}", key), dtype=np.float64))
     for p in probs:
@@ -319,10 +310,7 @@ def plot(rows, curves, training, args, path):
         f"character LM ({args.cell}, hidden {args.hidden}, batch {args.batch}), "
         f"{jax.default_backend()}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -63,13 +63,13 @@ def test_files_written(quick_run):
 
 
 def test_killed_run_keeps_its_rows(tmp_path, monkeypatch):
-    def interrupted(iterable, total, desc):
+    def interrupted(iterable, *, total, desc):
         for step in iterable:
             if step == 13:
                 raise KeyboardInterrupt
             yield step
 
-    monkeypatch.setattr(long_range, "_progress", interrupted)
+    monkeypatch.setattr(long_range.common, "progress", interrupted)
     argv = "--length 12 --steps 40 --eval-every 5 --hidden 4 --batch 4 --eval-batch 8"
     with pytest.raises(KeyboardInterrupt):
         long_range.main([*argv.split(), "--out", str(tmp_path)])
