@@ -48,6 +48,7 @@ import ast
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -420,7 +421,9 @@ def train(
     opt_state = make_optimizer(cfg).init(params)
     carry = model.initial_carry(cfg.batch)
     state = {"params": params, "opt_state": opt_state, "carry": carry, "step": 0}
-    meta = json.dumps({**dataclasses.asdict(cfg), "vocab": vocab.chars}, sort_keys=True)
+    # the text's hash too: the default corpus differs between Python versions
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    meta = json.dumps({**dataclasses.asdict(cfg), "text_sha256": digest}, sort_keys=True)
 
     os.makedirs(out, exist_ok=True)
     ckpt, csv_path = os.path.join(out, f"{name}.ckpt"), os.path.join(out, f"{name}.csv")
@@ -430,7 +433,7 @@ def train(
             saved = serialization.msgpack_restore(fh.read())
         if saved.get("meta") != meta:
             raise ValueError(
-                f"{ckpt} was written by a run with another configuration; "
+                f"{ckpt} was written by a run with another configuration or text; "
                 "pass --fresh to start over or choose another --out"
             )
         state = serialization.from_state_dict(state, saved["state"])
