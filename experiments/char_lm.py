@@ -64,9 +64,23 @@ import optax
 import bpttjax as bj
 
 try:
-    from experiments.common import non_negative_int, positive_int, progress, save_figure
+    from experiments.common import (
+        non_negative_int,
+        parse_with_quick,
+        positive_float,
+        positive_int,
+        progress,
+        save_figure,
+    )
 except ImportError:  # run as a script: experiments/ is on sys.path
-    from common import non_negative_int, positive_int, progress, save_figure
+    from common import (
+        non_negative_int,
+        parse_with_quick,
+        positive_float,
+        positive_int,
+        progress,
+        save_figure,
+    )
 
 CELLS = ("rnn", "gru", "lstm")
 PARTITIONS = ("random", "sequential")
@@ -469,9 +483,10 @@ def train(
         params, opt_state, carry, nll = train_step(
             params, opt_state, carry, jnp.asarray(X), jnp.asarray(Y), jnp.int32(step)
         )
-        nll_sum, nll_count = nll_sum + float(nll), nll_count + 1
-        if not math.isfinite(float(nll)):
-            raise FloatingPointError(f"{name}: loss is {float(nll)} at step {step}")
+        nll = float(nll)
+        if not math.isfinite(nll):
+            raise FloatingPointError(f"{name}: loss is {nll} at step {step}")
+        nll_sum, nll_count = nll_sum + nll, nll_count + 1
         if bar is not None:
             bar.update(1)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
@@ -506,26 +521,8 @@ def train(
 # -------------------------------------------------------------------- CLI ---
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expects a number > 0, got {value}")
-    return value
-
-
 QUICK = dict(hidden=32, batch=16, num_steps=20, steps=60, eval_every=20, max_chars=60_000)
 """``--quick`` defaults (seconds); options given explicitly still win."""
-
-
-def parse_with_quick(parser: argparse.ArgumentParser, argv, quick: dict) -> argparse.Namespace:
-    """Parse; with ``--quick``, ``quick`` replaces the defaults, not explicit options."""
-    args, _ = parser.parse_known_args(argv)
-    if args.quick:
-        parser.set_defaults(**quick)
-    return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
@@ -541,8 +538,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--num-steps", type=positive_int, default=35, help="BPTT length")
     parser.add_argument("--steps", type=positive_int, default=2000, help="training steps")
-    parser.add_argument("--lr", type=_probability, default=3e-3, help="Adam learning rate")
-    parser.add_argument("--clip", type=_probability, default=1.0, help="global norm clip")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate")
+    parser.add_argument("--clip", type=positive_float, default=1.0, help="global norm clip")
     parser.add_argument("--partition", choices=PARTITIONS, default="random")
     parser.add_argument(
         "--truncation", default="full", help="full | truncate:K | random:P (within --num-steps)"

@@ -8,6 +8,7 @@ the gradient is taken with respect to every parameter (cell and read-out).
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import sys
 
@@ -86,6 +87,37 @@ positive_int = _int_at_least(1, "positive")
 """argparse type: an int >= 1 (``1_000_000`` is accepted, as by ``int``)."""
 non_negative_int = _int_at_least(0, "non-negative")
 """argparse type: an int >= 0."""
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0 (learning rates, clipping norms)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expects a number > 0, got {value}")
+    return value
+
+
+def parse_with_quick(parser: argparse.ArgumentParser, argv, quick: dict) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick``, ``quick`` replaces the defaults.
+
+    Options given explicitly still win over the quick values.
+    """
+    args, _ = parser.parse_known_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+    return parser.parse_args(argv)
+
+
+def write_csv(path: str, rows: list[dict]) -> str:
+    """Write ``rows`` (dicts with the same keys) to ``path`` with a header."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def progress(iterable=None, *, total=None, desc=None, initial=0):

@@ -12,7 +12,6 @@ recursion in ``bpttjax.reference``. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import os
 import platform
@@ -26,6 +25,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bpttjax as bj  # noqa: E402
+
+try:
+    from experiments.common import write_csv
+except ImportError:  # run as a script: experiments/ is on sys.path
+    from common import write_csv
 
 STRATEGIES = {
     "StoreAll": bj.StoreAll(),
@@ -110,10 +114,7 @@ def main(argv=None) -> list[dict]:
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gradient_check.csv")
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows)
 
     print("Relative error of jax.grad through bj.scan vs d2l's formulas (float64)")
     print(f"{'T':>6}  {'strategy':<26}{'W_hx':>10}{'W_hh':>10}{'W_qh':>10}{'h0':>10}")

@@ -33,9 +33,9 @@ import numpy as np  # noqa: E402
 import bpttjax as bj  # noqa: E402
 
 try:
-    from experiments.common import progress, save_figure
+    from experiments.common import parse_with_quick, progress, save_figure, write_csv
 except ImportError:  # run as a script: experiments/ is on sys.path
-    from common import progress, save_figure
+    from common import parse_with_quick, progress, save_figure, write_csv
 
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
 
@@ -95,9 +95,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="T=40, hidden 8: seconds")
     parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
     parser.add_argument("--out", default="results")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.length, args.hidden, args.power_steps = 40, 8, 30
+    args = parse_with_quick(parser, argv, {"length": 40, "hidden": 8, "power_steps": 30})
     for name in ("length", "hidden", "power_steps"):
         if getattr(args, name) < 2:
             parser.error(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
@@ -125,10 +123,7 @@ def main(argv=None) -> dict:
     cosines = power_iteration_cosines(args.hidden, args.power_steps)
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gradient_flow.csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(args.out, "gradient_flow.csv"), rows)
     with open(os.path.join(args.out, "power_iteration.csv"), "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["k", "abs_cosine_to_leading_eigenvector"])

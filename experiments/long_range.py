@@ -259,8 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=common.positive_int, default=2000)
     parser.add_argument("--batch", type=common.positive_int, default=64)
     parser.add_argument("--hidden", type=common.positive_int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    parser.add_argument("--clip", type=float, default=1.0, help="clip_by_global_norm")
+    parser.add_argument("--lr", type=common.positive_float, default=3e-3, help="Adam learning rate")
+    parser.add_argument("--clip", type=common.positive_float, default=1.0, help="global norm clip")
     parser.add_argument("--init", choices=INITS, default="chrono", help="LSTM gate biases")
     parser.add_argument(
         "--marker-weights",
@@ -274,11 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="T=50, 500 steps: seconds")
     parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
     parser.add_argument("--out", default="results")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.length, args.steps, args.hidden, args.batch = 50, 500, 32, 32
-        args.eval_batch, args.eval_every = 500, 25
-        args.min_gap = args.truncate = None
+    quick = dict(length=50, steps=500, hidden=32, batch=32, eval_batch=500, eval_every=25)
+    args = common.parse_with_quick(parser, argv, quick)
     if args.length < 4:
         parser.error(f"--length must be >= 4, got {args.length}")
     if args.min_gap is None:
@@ -291,8 +288,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a < 1 or b < 2:
         where = f"--min-gap {args.min_gap}" if args.placement == "gap" else "Hochreiter's placement"
         parser.error(f"no room for two markers with --length {args.length} and {where}")
-    if not (args.lr > 0 and args.clip > 0):
-        parser.error(f"--lr and --clip must be > 0, got {args.lr} and {args.clip}")
     return args
 
 

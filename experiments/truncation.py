@@ -30,7 +30,6 @@ one CSV and checkpoint per training run, resumed when run again) and
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import math
@@ -43,10 +42,26 @@ import numpy as np
 
 try:
     from experiments import char_lm
-    from experiments.common import non_negative_int, positive_int, progress, save_figure
+    from experiments.common import (
+        non_negative_int,
+        parse_with_quick,
+        positive_float,
+        positive_int,
+        progress,
+        save_figure,
+        write_csv,
+    )
 except ImportError:  # run as a script: experiments/ is on sys.path
     import char_lm
-    from common import non_negative_int, positive_int, progress, save_figure
+    from common import (
+        non_negative_int,
+        parse_with_quick,
+        positive_float,
+        positive_int,
+        progress,
+        save_figure,
+        write_csv,
+    )
 
 
 def _flat(tree) -> jax.Array:
@@ -132,15 +147,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-steps", type=positive_int, default=1000)
     parser.add_argument("--train-k", type=positive_int, default=10, help="Truncate(k) trained")
     parser.add_argument("--train-prob", type=float, default=0.9, help="RandomTruncate π trained")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--clip", type=positive_float, default=1.0)
     parser.add_argument("--eval-every", type=positive_int, default=50)
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     parser.add_argument("--quick", action="store_true", help="tiny model and corpus: seconds")
     parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
     parser.add_argument("--out", default="results")
-    args = char_lm.parse_with_quick(parser, argv, QUICK)
+    args = parse_with_quick(parser, argv, QUICK)
     try:
         ks = sorted({int(k) for k in args.ks.split(",")})
         probs = sorted({float(p) for p in args.probs.split(",")})
@@ -194,8 +209,8 @@ def main(argv=None) -> dict:
     ks = [k for k in ks if k < args.length] + [args.length]  # k = T is full BPTT
     rows, curves, g_norm = gradient_bias(grad, ks, probs, args.samples, args.seed)
     bias_seconds = time.perf_counter() - t0
-    _write_csv(os.path.join(out, "gradient_bias.csv"), rows)
-    _write_csv(
+    write_csv(os.path.join(out, "gradient_bias.csv"), rows)
+    write_csv(
         os.path.join(out, "gradient_mean.csv"),
         [
             {"pi": p, "n": n + 1, "rel_error_of_mean": float(c[n])}
@@ -221,7 +236,7 @@ def main(argv=None) -> dict:
         training[label] = result["rows"]
         last = result["rows"][-1]
         summary.append({"strategy": label, **last})
-    _write_csv(
+    write_csv(
         os.path.join(out, "training.csv"),
         [{"strategy": label, **r} for label, rs in training.items() for r in rs],
     )
@@ -247,13 +262,6 @@ def main(argv=None) -> dict:
         )
     print(f"wrote {out}/gradient_bias.csv, gradient_mean.csv, training.csv, {png}")
     return {"bias": rows, "mean_curves": curves, "training": training, "summary": summary}
-
-
-def _write_csv(path, rows):
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(rows, curves, training, args, path):
