@@ -420,8 +420,9 @@ def train(
 
     Every ``eval_every`` steps the state is saved to ``out/name.ckpt``
     (atomically) and then a row is appended to ``out/name.csv``. An existing
-    checkpoint with the same configuration is resumed unless ``fresh``; one
-    with another configuration is an error (nothing is overwritten).
+    checkpoint with the same configuration and text is resumed unless
+    ``fresh``; one with another configuration or text is an error (nothing is
+    overwritten).
     """
     from flax import serialization
 
