@@ -6,6 +6,7 @@ submodules ``bpttjax.cells``, ``bpttjax.diagnostics``, ``bpttjax.memory``,
 whose names start with an underscore are private.
 """
 
+from . import budget as budget
 from . import cells as cells
 from . import diagnostics as diagnostics
 from . import memory as memory
@@ -13,6 +14,9 @@ from . import reference as reference
 from . import remat as remat
 from . import truncation as truncation
 from ._scan import scan as scan
+from .budget import Budget as Budget
+from .budget import Plan as Plan
+from .remat import Binomial as Binomial
 from .remat import EveryStep as EveryStep
 from .remat import Nested as Nested
 from .remat import RematStrategy as RematStrategy

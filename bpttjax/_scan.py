@@ -107,7 +107,7 @@ def scan(
 
     step = _checked_step(f)
     if truncation is None:
-        return remat._scan(step, init, xs, T, bool(reverse), unroll)
+        return remat.scan(step, init, xs, T, bool(reverse), unroll)
 
     def truncated_step(state, x):
         n, carry = state
@@ -117,7 +117,7 @@ def scan(
         carry, y = step(carry, x)
         return (n + 1, carry), y
 
-    (_, carry), ys = remat._scan(
+    (_, carry), ys = remat.scan(
         truncated_step, (jnp.zeros((), jnp.int32), init), xs, T, bool(reverse), unroll
     )
     return carry, ys

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .remat import EveryStep, Nested, RematStrategy, StoreAll
+from .remat import RematStrategy, StepCosts
 
 __all__ = ["MemoryReport", "StepCosts", "measure", "predict", "step_costs", "tree_bytes"]
 
@@ -120,15 +120,6 @@ def tree_bytes(tree: Any) -> int:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class StepCosts:
-    """Per-step and per-level memory of a recurrent gradient, in bytes."""
-
-    carry_bytes: int
-    residual_bytes: int
-    overhead_bytes: int
-
-
 def step_costs(
     build: Callable[[int], tuple[Callable, tuple]],
     carry_bytes: int,
@@ -199,35 +190,5 @@ def predict(
     ):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
             raise ValueError(f"predict({name}=...) expects a non-negative int, got {value!r}")
-    C, R, over = carry_bytes, residual_bytes, overhead_bytes
-    if isinstance(remat, StoreAll):
-        return length * R + over
-    if isinstance(remat, EveryStep):
-        return length * C + R + over
-    if isinstance(remat, Nested):
-        # bj.scan estimates R/C from the traced step; the measured ratio is
-        # the best stand-in here, so the two schedules can differ slightly.
-        lengths = remat.level_lengths(length, R / C if C else 1.0)
-        stored, loops = _nested_peak(length, lengths, C, R)
-        return stored + loops * over
-    raise TypeError(f"predict has no memory model for {type(remat).__name__}")
-
-
-def _nested_peak(n: int, lengths: tuple[int, ...], C: int, R: int) -> tuple[int, int]:
-    """Stored bytes and live scan loops at the peak of the schedule ``_nested_scan`` runs.
-
-    Each live loop holds its own gradient accumulators, hence the loop count.
-    """
-    if len(lengths) == 1 or n <= 1:
-        return n * R, 1
-    block = math.prod(lengths[1:])
-    q, r = divmod(n, block)
-    if q == 0:
-        return _nested_peak(n, lengths[1:], C, R)
-    stored, loops = _nested_peak(block, lengths[1:], C, R)
-    if r:
-        # the remainder runs after the blocks and is differentiated first,
-        # while the q block carries are still stored
-        r_stored, r_loops = _nested_peak(r, lengths[1:], C, R)
-        stored, loops = max(stored, r_stored), max(loops, r_loops)
-    return q * C + stored, 1 + loops
+    costs = StepCosts(carry_bytes, residual_bytes, overhead_bytes)
+    return remat.cost(length, costs).temp_bytes

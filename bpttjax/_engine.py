@@ -1,0 +1,401 @@
+"""The checkpointing engine: a binomial ("revolve") schedule inside one compiled program.
+
+Griewank and Walther's binomial checkpointing reverses ``T`` steps of a
+recurrence while storing at most ``s`` carries ("snapshots"), with the fewest
+forward recomputations possible for that memory:
+
+* A. Griewank, "Achieving logarithmic growth of temporal and spatial
+  complexity in reverse automatic differentiation", Optimization Methods and
+  Software 1 (1992). https://doi.org/10.1080/10556789208805505
+* A. Griewank and A. Walther, "Algorithm 799: revolve", ACM TOMS 26(1)
+  (2000). https://doi.org/10.1145/347837.347846
+
+Cost, in this module's terms. Let ``β(s, r) = C(s + r, s)`` and ``r`` the
+smallest integer with ``β(s, r) >= T``. Reversing ``T`` steps with ``s``
+snapshots, the first holding the initial carry, takes
+``r·T − β(s + 1, r − 1)`` forward *advances* (steps evaluated only to move
+the state forward, the first sweep included) and ``T`` step VJPs. The engine
+evaluates the step exactly ``advances + T`` times: the forward pass runs the
+last step through ``jax.vjp`` and keeps its residuals (revolve's "youturn"),
+so that step is not evaluated a second time.
+
+How it runs. ``binomial_scan`` is a ``jax.custom_vjp``:
+
+* forward: one loop over the steps that writes ``ys`` and places the first
+  sweep's snapshots in a buffer of ``s`` carries;
+* backward: one loop with one iteration per step to reverse. Each iteration
+  restores the newest snapshot, advances (storing new snapshots where the
+  schedule says), then reverses one step with ``jax.vjp`` and adds the
+  parameters' cotangent into a single accumulator.
+
+The schedule is computed inside the loops from integers (no table of
+actions), so the compiled program has the same size for every ``T``.
+
+Known costs, stated here rather than hidden: every forward step writes the
+carry into the snapshot buffer (a select, so that the buffer never holds a
+partial write), which is a carry-sized copy per step; and the split point is
+found by a small integer loop of ``r`` iterations at every new snapshot.
+``custom_vjp`` gives up forward-mode ``jvp`` of the scan and reverse-mode
+differentiation of the gradient (``grad∘grad``); ``jvp∘grad`` works.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:  # the tracer of jax.linearize / the outer jax.grad of grad∘grad (private)
+    from jax._src.interpreters.ad import LinearizeTracer as _LINEARIZE_TRACER
+except ImportError:  # pragma: no cover - then grad∘grad fails later, inside JAX
+    _LINEARIZE_TRACER = ()
+
+__all__ = ["beta", "binomial_advances", "binomial_scan", "binomial_steps"]
+
+_I32 = jnp.int32
+_INT32_MAX = np.iinfo(np.int32).max
+MAX_LENGTH = 2**30
+"""Longest sequence the int32 schedule arithmetic is exact for."""
+
+
+# --- the schedule, in Python (the cost model) -------------------------------------------
+
+
+def beta(s: int, r: int) -> int:
+    """``β(s, r) = C(s + r, s)``: the most steps ``s`` snapshots reverse with ``r`` sweeps."""
+    return math.comb(s + r, s) if r >= 0 else 0
+
+
+def _sweeps(length: int, snapshots: int) -> int:
+    """The smallest ``r`` with ``β(snapshots, r) >= length``."""
+    r = 0
+    while beta(snapshots, r) < length:
+        r += 1
+    return r
+
+
+def binomial_advances(length: int, snapshots: int) -> int:
+    """Forward advances of the binomial schedule: ``r·T − β(s + 1, r − 1)``.
+
+    Counts the steps evaluated only to move the state forward (the first sweep
+    included, the ``T`` step VJPs not). It is the minimum over all schedules
+    that store at most ``snapshots`` carries (Griewank, 1992).
+    """
+    if length <= 1:
+        return 0
+    if snapshots == 1:  # one snapshot: replay from the start for every step
+        return length * (length - 1) // 2
+    r = _sweeps(length, snapshots)
+    return r * length - beta(snapshots + 1, r - 1)
+
+
+def binomial_steps(length: int, snapshots: int) -> int:
+    """Every evaluation of the step by the engine: ``advances + T``."""
+    return binomial_advances(length, snapshots) + length
+
+
+def split(n: int, k: int) -> int:
+    """How far to advance before the next snapshot: ``n >= 2`` steps left, ``k`` slots.
+
+    ``k`` counts the slot already holding the range's first state. With one
+    slot, advance to the last step. Otherwise, with ``β(k, r − 1) < n <= β(k, r)``,
+    any ``m`` with ``β(k, r − 2) <= m <= β(k, r − 1)`` and
+    ``n − m <= β(k − 1, r)`` is optimal (both remainders stay in their cheapest
+    slope); this takes the smallest such ``m``. Mirrors :func:`_split_traced`.
+    """
+    if k == 1:
+        return n - 1
+    r = _sweeps(n, k)
+    return max(beta(k, r - 2), n - beta(k - 1, r), 1)
+
+
+# --- the schedule, traced (int32, inside the loops) -----------------------------------
+
+
+def _split_traced(n: jax.Array, k: jax.Array) -> jax.Array:
+    """:func:`split` on int32 scalars; exact for ``n <= MAX_LENGTH``.
+
+    ``β(k, r) = β(k, r − 1) + β(k − 1, r)`` with ``β(k − 1, r) = β(k, r − 1)·k/r``
+    computed as ``q·k + (ρ·k)/r`` (``β(k, r − 1) = q·r + ρ``), so no product
+    overflows. A value above the int32 maximum saturates there; it then only
+    enters ``n − β(k − 1, r)``, which is negative for ``n <= 2**30`` either way.
+    """
+
+    def cond(state):
+        _, _, _, b = state
+        return (k >= 2) & (b < n)
+
+    def body(state):
+        r, _, b_prev, b = state
+        r = r + 1
+        q, rho = b // r, b % r
+        head = jnp.where(q > (_INT32_MAX - b) // k, _INT32_MAX, b + q * k)
+        tail = (rho * k) // r
+        b_next = jnp.where(head > _INT32_MAX - tail, _INT32_MAX, head + tail)
+        return r, b_prev, b, b_next
+
+    zero, one = jnp.zeros((), _I32), jnp.ones((), _I32)
+    _, b2, b1, b = jax.lax.while_loop(cond, body, (zero, zero, zero, one))
+    m = jnp.maximum(jnp.maximum(b2, n - (b - b1)), 1)
+    return jnp.where(k >= 2, m, n - 1)
+
+
+def _first_sweep(n: jax.Array, snapshots: int) -> jax.Array:
+    """Positions of the snapshots the first sweep stores (``int32[s]``; unused: ``n``)."""
+    pos = jnp.full((snapshots,), n, _I32).at[0].set(0)
+
+    def cond(state):
+        k, cur, _ = state
+        return (snapshots - k >= 2) & (n - cur > 1)
+
+    def body(state):
+        k, cur, pos = state
+        cur = cur + _split_traced(n - cur, snapshots - k)
+        push = n - cur > 1
+        k = k + push.astype(_I32)
+        pos = pos.at[k].set(jnp.where(push, cur, pos[k]))
+        return jnp.where(push, k, snapshots), cur, pos
+
+    _, _, pos = jax.lax.while_loop(cond, body, (jnp.zeros((), _I32), jnp.zeros((), _I32), pos))
+    return pos
+
+
+# --- pytree plumbing ------------------------------------------------------------------
+
+
+def _is_diff(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _split_diff(tree: Any) -> tuple[list, list, Callable]:
+    """The inexact leaves, the others, and a function putting them back together."""
+    leaves, treedef = jax.tree.flatten(tree)
+    mask = [_is_diff(x) for x in leaves]
+
+    def merge(diff, other):
+        diff, other = iter(diff), iter(other)
+        return treedef.unflatten([next(diff) if m else next(other) for m in mask])
+
+    return (
+        [x for x, m in zip(leaves, mask, strict=True) if m],
+        [x for x, m in zip(leaves, mask, strict=True) if not m],
+        merge,
+    )
+
+
+def _zero_cotangent(x: Any) -> Any:
+    if _is_diff(x):
+        return jnp.zeros_like(x)
+    return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def _index(tree: Any, i: jax.Array) -> Any:
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _store(buf: Any, i: jax.Array, value: Any) -> Any:
+    return jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, i, 0), buf, value)
+
+
+def _stack_zeros(n: int, example: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.zeros((n, *jnp.shape(a)), jnp.result_type(a)), example)
+
+
+# --- the engine -----------------------------------------------------------------------
+
+
+def binomial_scan(
+    f: Callable,
+    init: Any,
+    xs: Any,
+    length: int,
+    snapshots: int,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    steps: jax.Array | None = None,
+) -> tuple[Any, Any]:
+    """``lax.scan(f, init, xs, length)`` whose gradient follows the binomial schedule.
+
+    Args:
+      f, init, xs, length, reverse, unroll: as ``jax.lax.scan`` (already
+        validated; ``length >= 1``). ``unroll`` applies to the forward pass.
+      snapshots: ``s >= 1`` stored carries, the first holding ``init``.
+      steps: for tests only, a traced number of steps ``<= length`` to run
+        (one compiled program for many lengths); ``ys`` past it are zeros.
+
+    Returns:
+      ``(carry, ys)`` as ``jax.lax.scan``.
+    """
+    x0 = None if xs is None else _index(xs, jnp.zeros((), _I32))
+    closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
+    n = jnp.asarray(length if steps is None else steps, _I32)
+    spec = (length, snapshots, bool(reverse), unroll, steps is None)
+    try:
+        return _scan(spec, closed, list(consts), init, xs, n)
+    except TypeError as err:
+        if "forward-mode autodiff" not in str(err):
+            raise
+        raise TypeError(_UNSUPPORTED.format(what="forward-mode jax.jvp of the scan")) from err
+
+
+_UNSUPPORTED = (
+    "bj.Binomial does not support {what}: it is a jax.custom_vjp, which has no "
+    "forward-mode rule, and its backward pass is a while loop that reverse mode cannot "
+    "differentiate again. Use remat=bj.Nested(levels) here, which supports every "
+    "transformation; jax.jvp of jax.grad (Hessian-vector products) does work with Binomial."
+)
+
+
+def _refuse_second_order(bwd: Callable) -> Callable:
+    """Refuse, with an error naming ``Nested``, to be differentiated in reverse mode.
+
+    Under ``grad∘grad`` the backward pass runs under the outer ``grad``'s
+    linearization, whose transpose would fail later, inside JAX, on the
+    engine's while loops. ``jvp∘grad`` runs it under plain JVP and works.
+    """
+
+    @functools.wraps(bwd)
+    def wrapped(spec, closed, residuals, cotangents):
+        leaves = jax.tree.leaves((residuals, cotangents))
+        if any(isinstance(x, _LINEARIZE_TRACER) for x in leaves):
+            what = "reverse-mode differentiation of its gradient"
+            raise TypeError(_UNSUPPORTED.format(what=what))
+        return bwd(spec, closed, residuals, cotangents)
+
+    return wrapped
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan(spec, closed, consts, init, xs, n):
+    length, _, reverse, unroll, static = spec
+    if static:
+        return jax.lax.scan(
+            lambda c, x: closed(c, x, *consts),
+            init,
+            xs,
+            length=length,
+            reverse=reverse,
+            unroll=unroll,
+        )
+    return _forward(spec, closed, consts, init, xs, n)[0]
+
+
+def _step_index(n, reverse):
+    return (lambda t: n - 1 - t) if reverse else (lambda t: t)
+
+
+def _forward(spec, closed, consts, init, xs, n):
+    """Run steps ``0 .. n−2`` storing the first sweep's snapshots, then the VJP of the last."""
+    length, snapshots, reverse, unroll, static = spec
+    idx = _step_index(n, reverse)
+    x_at = lambda t: None if xs is None else _index(xs, idx(t))
+    _, y_shape = jax.eval_shape(closed, init, x_at(0), *consts)
+    pos = _first_sweep(n, snapshots)
+    buf = _store(_stack_zeros(snapshots, init), jnp.zeros((), _I32), init)
+
+    def body(t, state):
+        carry, buf, ys, k = state
+        push = (k + 1 < snapshots) & (t == pos[jnp.minimum(k + 1, snapshots - 1)])
+        k = k + push.astype(_I32)
+        keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), carry, buf)
+        buf = _store(buf, k, keep)
+        carry, y = closed(carry, x_at(t), *consts)
+        return carry, buf, _store(ys, idx(t), y), k
+
+    ys = _stack_zeros(length, y_shape)
+    state = (init, buf, ys, jnp.zeros((), _I32))
+    if static:
+        carry, buf, ys, k = jax.lax.fori_loop(0, length - 1, body, state, unroll=unroll)
+    else:
+        carry, buf, ys, k = jax.lax.fori_loop(0, n - 1, body, state)
+    (carry, y), last_vjp = _vjp(closed, consts, carry, x_at(n - 1))
+    ys = _store(ys, idx(n - 1), y)
+    return (carry, ys), (buf, pos, k, last_vjp)
+
+
+def _vjp(closed, consts, carry, x):
+    """``jax.vjp`` of one step with respect to its inexact inputs only.
+
+    Returns the step's outputs and ``pull(ct_carry, ct_y)``, which maps the
+    cotangents of the outputs' inexact leaves (lists of leaves) to those of
+    the inputs' inexact leaves: ``(consts, carry, x)``, each a list.
+    """
+    dc, oc, mc = _split_diff(list(consts))
+    dh, oh, mh = _split_diff(carry)
+    dx, ox, mx = _split_diff(x)
+
+    def fn(dc, dh, dx):
+        new_carry, y = closed(mh(dh, oh), mx(dx, ox), *mc(dc, oc))
+        return (_split_diff(new_carry)[0], _split_diff(y)[0]), (new_carry, y)
+
+    _, pullback, out = jax.vjp(fn, dc, dh, dx, has_aux=True)
+    return out, jax.tree_util.Partial(_pull, pullback)
+
+
+def _pull(pullback, ct_carry, ct_y):
+    return pullback((ct_carry, ct_y))
+
+
+def _scan_fwd(spec, closed, consts, init, xs, n):
+    out, res = _forward(spec, closed, consts, init, xs, n)
+    return out, (consts, init, xs, n, res)
+
+
+def _scan_bwd(spec, closed, residuals, cotangents):
+    length, snapshots, reverse, _, _ = spec
+    consts, init, xs, n, (buf, pos, k, last_vjp) = residuals
+    ct_carry, ct_ys = cotangents
+    ct_ys = _split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
+    idx = _step_index(n, reverse)
+    x_at = lambda t: None if xs is None else _index(xs, idx(t))
+    step = lambda c, t: closed(c, x_at(t), *consts)[0]
+
+    # youturn: the last step's residuals came from the forward pass
+    g_consts, g_carry, g_x = last_vjp(_split_diff(ct_carry)[0], _index(ct_ys, idx(n - 1)))
+    xs_bar = None if xs is None else _store(_stack_zeros(length, g_x), idx(n - 1), g_x)
+
+    def segment(seg):
+        """Advance from the newest snapshot to the next split; store it if needed."""
+        e, k, buf, pos, cur, state = seg
+        m = _split_traced(e - cur, snapshots - k)
+        state = jax.lax.fori_loop(cur, cur + m, lambda t, c: step(c, t), state)
+        cur = cur + m
+        push = e - cur > 1
+        k = jnp.minimum(k + push.astype(_I32), snapshots - 1)
+        keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), state, buf)
+        buf = _store(buf, k, keep)
+        pos = pos.at[k].set(jnp.where(push, cur, pos[k]))
+        return e, k, buf, pos, cur, state
+
+    def reverse_one(loop):
+        """Reverse step ``e − 1``: restore, advance to it, pull the cotangents back."""
+        e, k, buf, pos, g_consts, g_carry, xs_bar = loop
+        seg = (e, k, buf, pos, pos[k], _index(buf, k))
+        _, k, buf, pos, _, state = jax.lax.while_loop(lambda s: s[0] - s[4] > 1, segment, seg)
+        e = e - 1
+        _, pull = _vjp(closed, consts, state, x_at(e))
+        d_consts, g_carry, g_x = pull(g_carry, _index(ct_ys, idx(e)))
+        g_consts = jax.tree.map(jnp.add, g_consts, d_consts)
+        if xs_bar is not None:
+            xs_bar = _store(xs_bar, idx(e), g_x)
+        k = jnp.where((pos[k] == e) & (k > 0), k - 1, k)
+        return e, k, buf, pos, g_consts, g_carry, xs_bar
+
+    loop = (n - 1, k, buf, pos, g_consts, g_carry, xs_bar)
+    *_, g_consts, g_carry, xs_bar = jax.lax.while_loop(lambda s: s[0] > 0, reverse_one, loop)
+    ct_xs = None if xs is None else _with_zeros(xs, xs_bar)
+    return _with_zeros(list(consts), g_consts), _with_zeros(init, g_carry), ct_xs, None
+
+
+def _with_zeros(example: Any, diff_leaves: list) -> Any:
+    """A cotangent shaped like ``example``: ``diff_leaves`` where inexact, float0 elsewhere."""
+    _, other, merge = _split_diff(example)
+    return merge(diff_leaves, [_zero_cotangent(x) for x in other])
+
+
+_scan.defvjp(_scan_fwd, _refuse_second_order(_scan_bwd))

@@ -1,0 +1,312 @@
+"""``bj.Budget``: say how much working memory the gradient may use, get the fastest fit.
+
+At trace time :class:`Budget` measures what one step costs to keep (by
+compiling plain BPTT of the step at two short lengths, see
+:func:`bpttjax.memory.step_costs`), asks each candidate strategy for its
+predicted cost (:meth:`bpttjax.RematStrategy.cost`), and runs the fastest one
+whose prediction fits:
+
+1. :class:`~bpttjax.StoreAll`, no recomputation;
+2. :class:`~bpttjax.EveryStep` with a saving policy (``policies``; what a
+   policy saves is measured the same way), the policy that saves most first;
+3. :class:`~bpttjax.EveryStep` without a policy;
+4. :class:`~bpttjax.Binomial` with the most snapshots that fit.
+
+The budget is for XLA's working memory of the gradient (``temp_size_in_bytes``
+as reported by :func:`bpttjax.memory.measure`), per device; inputs and
+outputs are not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from . import memory
+from ._scan import _check_length, _checked_step
+from .remat import Binomial, Cost, EveryStep, RematStrategy, StepCosts, StoreAll
+
+__all__ = ["Budget", "Plan", "parse_bytes"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_SAFETY = 0.95
+"""Plan to this fraction of the budget: predictions are within a few percent of XLA's."""
+_PROBE_LENGTHS = (64, 128)
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes from an int or a size such as ``"64MB"``, ``"1.5GiB"`` or ``"512 KiB"``.
+
+    ``KB``/``MB``/``GB``/``TB`` are powers of 1000, ``KiB``/``MiB``/``GiB``/``TiB``
+    powers of 1024 (case-insensitive).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral | str):
+        raise TypeError(
+            "Budget(bytes=...) expects an int or a size string such as '64MB' or '1.5GiB', "
+            f"got {type(value).__name__}: {value!r}"
+        )
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        unit = match and match.group(2).lower()
+        if not match or unit not in _UNITS:
+            raise ValueError(
+                f"Budget(bytes={value!r}) is not a size: write e.g. 64MB, 1.5GiB or 500000 "
+                f"(units: {', '.join(u for u in _UNITS if u)})"
+            )
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"Budget(bytes=...) expects a positive number of bytes, got {value}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What :class:`Budget` chose for one scan, and why.
+
+    Attributes:
+      strategy: the strategy that runs.
+      temp_bytes: its predicted working memory.
+      recomputed_steps: its step evaluations beyond plain BPTT's ``T``.
+      budget_bytes: the budget.
+      length: ``T``.
+      costs: the measured :class:`~bpttjax.remat.StepCosts` of the step.
+    """
+
+    strategy: RematStrategy
+    temp_bytes: int
+    recomputed_steps: int
+    budget_bytes: int
+    length: int
+    costs: StepCosts
+
+    @property
+    def snapshots(self) -> int | None:
+        """Stored carries when the strategy is :class:`~bpttjax.Binomial`, else None."""
+        return getattr(self.strategy, "snapshots", None)
+
+    def __str__(self) -> str:
+        passes = self.recomputed_steps / self.length if self.length else 0.0
+        return (
+            f"{self.strategy} for T={self.length}: predicted temp {_mb(self.temp_bytes)} "
+            f"of a {_mb(self.budget_bytes)} budget "
+            f"({self.temp_bytes / self.budget_bytes:.0%}); "
+            f"{self.recomputed_steps:,} recomputed steps ({passes:.2f} forward passes)"
+        )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3g} MB"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget(RematStrategy):
+    """The fastest strategy whose predicted working memory fits ``bytes``.
+
+    Args:
+      bytes: the budget for the gradient's working memory, per device: an int
+        or a string such as ``"64MB"`` or ``"1.5GiB"``.
+      policies: ``jax.checkpoint_policies`` values tried with
+        :class:`~bpttjax.EveryStep` before the policy-free version (default:
+        ``dots_saveable``). What each saves per step is measured.
+
+    Choice, at trace time (see :meth:`plan`): ``StoreAll`` if it fits, else
+    ``EveryStep`` with the policy saving most that fits, else ``EveryStep()``,
+    else ``Binomial`` with the most snapshots that fit. The plan aims at 95%
+    of the budget, as predictions are within a few percent of XLA's figure.
+
+    Cost: that of the chosen strategy, plus two to four small compilations
+    each time the scan is traced (the step's measured costs are cached per
+    step program and shapes).
+
+    Raises:
+      ValueError: when even ``Binomial(1)`` does not fit; the message names
+        the smallest budget that would.
+
+    Example:
+      >>> print(bj.Budget("8MB").plan(step, h0, xs))
+      >>> carry, ys = bj.scan(step, h0, xs, remat=bj.Budget("8MB"))
+    """
+
+    bytes: int | str
+    policies: tuple[Callable[..., Any], ...] = (jax.checkpoint_policies.dots_saveable,)
+
+    def __post_init__(self):
+        object.__setattr__(self, "bytes", parse_bytes(self.bytes))
+        policies = self.policies
+        if callable(policies) or not isinstance(policies, Sequence):
+            raise TypeError(
+                "Budget(policies=...) expects a tuple of jax.checkpoint_policies values, got "
+                f"{type(policies).__name__}"
+            )
+        for p in policies:
+            if not callable(p):
+                raise TypeError(
+                    "Budget(policies=...) expects jax.checkpoint_policies values (callables), "
+                    f"got {type(p).__name__}: {p!r}"
+                )
+        object.__setattr__(self, "policies", tuple(policies))
+
+    def plan(self, f: Callable, init: Any, xs: Any = None, length: int | None = None) -> Plan:
+        """The strategy this budget runs for ``bj.scan(f, init, xs, length)``, and why.
+
+        Compiles plain BPTT of ``f`` (and ``EveryStep`` with each policy) at
+        two short lengths to measure its :class:`~bpttjax.remat.StepCosts`.
+        """
+        T = _check_length(xs, length)
+        return self._plan(_checked_step(f), init, xs, T)
+
+    def choose(
+        self,
+        length: int,
+        costs: StepCosts,
+        policy_costs: Sequence[tuple[RematStrategy, StepCosts]] = (),
+    ) -> Plan:
+        """The plan for ``length`` steps with the step's measured costs (no compiling).
+
+        ``policy_costs`` pairs each ``EveryStep(policy)`` with its measured
+        per-step costs (its ``residual_bytes`` is what it keeps per step).
+        """
+        usable = _SAFETY * self.bytes
+        fits = lambda cost: cost.temp_bytes <= usable
+        candidates = [(StoreAll(), StoreAll().cost(length, costs))]
+        for strategy, pc in sorted(policy_costs, key=lambda sc: -sc[1].residual_bytes):
+            candidates.append((strategy, StoreAll().cost(length, pc)))
+        candidates.append((EveryStep(), EveryStep().cost(length, costs)))
+        for strategy, cost in candidates:
+            if fits(cost):
+                return self._made(strategy, cost, length, costs)
+        C = max(costs.carry_bytes, 1)
+        s = min(int((usable - costs.overhead_bytes) // C), max(length - 1, 1))
+        if s < 1:
+            least = math.ceil(Binomial(1).cost(length, costs).temp_bytes / _SAFETY)
+            raise ValueError(
+                f"Budget(bytes={self.bytes}) is too small for this scan: the least any "
+                f"strategy needs is Binomial(1) at a predicted {least:,} bytes "
+                f"({_mb(least)}, with a {1 - _SAFETY:.0%} margin); Budget({least}) would work "
+                "(it recomputes about T**2/2 steps)"
+            )
+        strategy = Binomial(s)
+        return self._made(strategy, strategy.cost(length, costs), length, costs)
+
+    def _made(self, strategy: RematStrategy, cost: Cost, length: int, costs: StepCosts) -> Plan:
+        return Plan(strategy, cost.temp_bytes, cost.recomputed_steps, self.bytes, length, costs)
+
+    def _plan(self, f: Callable, init: Any, xs: Any, length: int) -> Plan:
+        costs = _measured_costs(f, init, xs, None)
+        policy_costs = [
+            (EveryStep(p), _measured_costs(f, init, xs, EveryStep(p))) for p in self.policies
+        ]
+        return self.choose(length, costs, policy_costs)
+
+    def cost(self, length, costs):
+        plan = self.choose(length, costs)
+        return Cost(plan.temp_bytes, plan.recomputed_steps)
+
+    def scan(self, f, init, xs, length, reverse, unroll):
+        strategy = self._plan(f, init, xs, length).strategy
+        return strategy.scan(f, init, xs, length, reverse, unroll)
+
+
+# --- measuring a step -------------------------------------------------------------------
+
+_COSTS_CACHE: dict[tuple, StepCosts] = {}
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tree)
+
+
+def _measured_costs(f: Callable, init: Any, xs: Any, remat: RematStrategy | None) -> StepCosts:
+    """:class:`StepCosts` of ``f`` under ``remat`` (plain BPTT when None), by compiling.
+
+    The gradient compiled is that of the sum of every float output with
+    respect to the step's float parameters and ``init``; the result is cached
+    by the step's program, the shapes and ``remat``.
+    """
+    init_a = _abstract(init)
+    x_a = (
+        None
+        if xs is None
+        else jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), _abstract(xs))
+    )
+    closed, consts = _hoist_constants(f, init_a, x_a)
+    consts_a = _abstract(consts)
+    key = (str(closed.jaxpr), repr((init_a, x_a, consts_a)), remat)
+    if key in _COSTS_CACHE:
+        return _COSTS_CACHE[key]
+    remat = remat or StoreAll()
+
+    def build(T):
+        xs_a = jax.tree.map(lambda a: jax.ShapeDtypeStruct((T, *a.shape), a.dtype), x_a)
+
+        def loss(diff, consts, init, xs):
+            consts = [d if d is not None else c for d, c in zip(diff[0], consts, strict=True)]
+            init = jax.tree.map(lambda d, c: c if d is None else d, diff[1], init)
+            step = lambda c, x: closed(c, x, *consts)
+            out = remat.scan(step, init, xs, T, False, 1)
+            return sum(jnp.sum(a).astype(jnp.float32) for a in _inexact(out))
+
+        def grad(consts, init, xs):
+            diff = (_only_inexact(consts), _only_inexact(init))
+            return jax.grad(loss)(diff, consts, init, xs)
+
+        return grad, (consts_a, init_a, xs_a)
+
+    C = memory.tree_bytes(init_a)
+    costs = memory.step_costs(build, C, _PROBE_LENGTHS)
+    # The probe takes init as an argument; a loss usually creates it (as a
+    # zero state), which holds one more carry in working memory.
+    costs = dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C)
+    if len(_COSTS_CACHE) > 256:
+        _COSTS_CACHE.clear()
+    _COSTS_CACHE[key] = costs
+    return costs
+
+
+def _hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:
+    """``f`` as a function of ``(carry, x, *consts)`` with *every* constant it closes over.
+
+    Unlike ``jax.closure_convert``, which hoists only traced values, concrete
+    parameters are hoisted too, so that a plan made outside ``jax.grad``
+    counts their gradients, as the traced scan will.
+    """
+    closed_jaxpr, out_shape = jax.make_jaxpr(f, return_shape=True)(init, x)
+    jaxpr, consts = closed_jaxpr.jaxpr, list(closed_jaxpr.consts)
+    out_tree = jax.tree.structure(out_shape)
+
+    def closed(c, x, *consts):
+        out = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))(*jax.tree.leaves((c, x)))
+        return jax.tree.unflatten(out_tree, out)
+
+    closed.jaxpr = closed_jaxpr.jaxpr
+    return closed, consts
+
+
+def _inexact(tree: Any) -> list:
+    return [a for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+
+
+def _only_inexact(tree: Any) -> Any:
+    inexact = lambda a: jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    return jax.tree.map(lambda a: a if inexact(a) else None, tree)
