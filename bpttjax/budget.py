@@ -196,10 +196,12 @@ class Budget(RematStrategy):
         for strategy, cost in candidates:
             if fits(cost):
                 return self._made(strategy, cost, length, costs)
-        C = max(costs.carry_bytes, 1)
-        s = min(int((usable - costs.overhead_bytes) // C), max(length - 1, 1))
+        least = Binomial(1).cost(length, costs).temp_bytes
+        per_snapshot = max(Binomial(2).cost(length, costs).temp_bytes - least, 1)
+        s = 1 + int((usable - least) // per_snapshot) if usable >= least else 0
+        s = min(s, max(length - 1, 1))
         if s < 1:
-            least = math.ceil(Binomial(1).cost(length, costs).temp_bytes / _SAFETY)
+            least = math.ceil(least / _SAFETY)
             raise ValueError(
                 f"Budget(bytes={self.bytes}) is too small for this scan: the least any "
                 f"strategy needs is Binomial(1) at a predicted {least:,} bytes "
@@ -261,15 +263,13 @@ def _measured_costs(f: Callable, init: Any, xs: Any, remat: RematStrategy | None
         xs_a = jax.tree.map(lambda a: jax.ShapeDtypeStruct((T, *a.shape), a.dtype), x_a)
 
         def loss(diff, consts, init, xs):
-            consts = [d if d is not None else c for d, c in zip(diff[0], consts, strict=True)]
-            init = jax.tree.map(lambda d, c: c if d is None else d, diff[1], init)
+            consts, init = _with_inexact(diff, (consts, init))
             step = lambda c, x: closed(c, x, *consts)
             out = remat.scan(step, init, xs, T, False, 1)
             return sum(jnp.sum(a).astype(jnp.float32) for a in _inexact(out))
 
         def grad(consts, init, xs):
-            diff = (_only_inexact(consts), _only_inexact(init))
-            return jax.grad(loss)(diff, consts, init, xs)
+            return jax.grad(loss)(_inexact((consts, init)), consts, init, xs)
 
         return grad, (consts_a, init_a, xs_a)
 
@@ -307,6 +307,9 @@ def _inexact(tree: Any) -> list:
     return [a for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
 
 
-def _only_inexact(tree: Any) -> Any:
-    inexact = lambda a: jnp.issubdtype(jnp.result_type(a), jnp.inexact)
-    return jax.tree.map(lambda a: a if inexact(a) else None, tree)
+def _with_inexact(diff: list, tree: Any) -> Any:
+    """``tree`` with its inexact leaves replaced, in order, by ``diff``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    diff = iter(diff)
+    is_inexact = lambda a: jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    return treedef.unflatten([next(diff) if is_inexact(a) else a for a in leaves])

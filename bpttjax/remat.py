@@ -454,7 +454,8 @@ class Binomial(RematStrategy):
         # 10,000: XLA reuses plain BPTT's fixed buffers for the step residuals
         # and the parameter accumulators, so the temp is the snapshots plus
         # plain's overhead (within 3%), independent of T.
-        temp = self.snapshots * costs.carry_bytes + costs.overhead_bytes
+        # Each snapshot also has its position, an int32.
+        temp = self.snapshots * (costs.carry_bytes + 4) + costs.overhead_bytes
         return Cost(temp, self.recomputed_steps(length))
 
     def scan(self, f, init, xs, length, reverse, unroll):

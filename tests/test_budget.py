@@ -1,0 +1,180 @@
+"""bj.Budget: the plan fits the budget as XLA measures it, and the gradient is plain BPTT's."""
+
+import functools
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpttjax as bj
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import common  # noqa: E402
+
+B, D, H = 32, 64, 256
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("64MB", 64_000_000),
+        ("1.5GiB", 3 * 2**29),
+        ("512 KiB", 512 * 1024),
+        ("2e6", 2_000_000),
+        ("100b", 100),
+        ("3gb", 3_000_000_000),
+        (12345, 12345),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert bj.budget.parse_bytes(text) == expected
+    assert bj.Budget(text).bytes == expected
+
+
+def test_rejects_bad_budgets():
+    with pytest.raises(ValueError, match=r"Budget\(bytes='64 parsecs'\) is not a size"):
+        bj.Budget("64 parsecs")
+    with pytest.raises(ValueError, match="positive number of bytes, got 0"):
+        bj.Budget(0)
+    with pytest.raises(ValueError, match="positive number of bytes, got -5"):
+        bj.Budget(-5)
+    with pytest.raises(TypeError, match=r"bytes=.*int or a size string.*float"):
+        bj.Budget(1.5e6)
+    with pytest.raises(TypeError, match=r"bytes=.*bool"):
+        bj.Budget(True)
+    with pytest.raises(TypeError, match=r"policies=.*tuple"):
+        bj.Budget("1MB", policies=jax.checkpoint_policies.dots_saveable)
+    with pytest.raises(TypeError, match=r"policies=.*callables.*str"):
+        bj.Budget("1MB", policies=("dots",))
+
+
+def problem(cell, T):
+    params = common.init_model(jax.random.key(0), cell, D, H)
+    xs = jnp.zeros((T, B, D), jnp.float32)
+    h0 = bj.cells.initial_carry(cell, H, (B,), dtype=jnp.float32)
+    return params, xs, h0
+
+
+def measured(cell, T, remat):
+    params, xs = common.abstract_inputs(cell, T, B, D, H, jnp.float32)
+    fn = jax.grad(functools.partial(common.loss, cell=cell, remat=remat))
+    return bj.memory.measure(fn, params, xs).temp_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", common.CELLS)
+@pytest.mark.parametrize("T", [100, 1_000, 10_000])
+def test_measured_temp_never_exceeds_the_budget(cell, T):
+    plain = measured(cell, T, bj.StoreAll())
+    params, xs, h0 = problem(cell, T)
+    step = common.make_step(cell, params)
+    chosen = []
+    for fraction in (0.01, 0.02, 0.05, 0.1, 0.3, 0.6, 0.9, 1.2, 2.0):
+        budget = bj.Budget(int(fraction * plain))
+        try:
+            plan = budget.plan(step, h0, xs)
+        except ValueError as err:
+            # too small: the message names a budget that works, and it does
+            least = int(re.search(r"Budget\((\d+)\) would work", str(err)).group(1))
+            assert least > budget.bytes
+            assert measured(cell, T, bj.Budget(least)) <= least
+            continue
+        temp = measured(cell, T, budget)
+        assert temp <= budget.bytes, (fraction, plan.strategy, temp)
+        if isinstance(plan.strategy, bj.Binomial):
+            assert temp >= 0.7 * budget.bytes, (fraction, plan.strategy, temp)
+            assert abs(plan.temp_bytes - temp) <= 0.1 * temp
+        chosen.append(type(plan.strategy))
+    # more memory never buys a slower kind of strategy
+    order = [bj.Binomial, bj.EveryStep, bj.StoreAll]
+    ranks = [order.index(c) for c in chosen]
+    assert ranks == sorted(ranks) and ranks[-1] == 2 and ranks[0] == 0, chosen
+
+
+def test_plan_is_readable_and_follows_the_order():
+    params, xs, h0 = problem("rnn", 200)
+    step = common.make_step("rnn", params)
+    plain = bj.Budget("100GB").plan(step, h0, xs)
+    assert plain.strategy == bj.StoreAll() and plain.recomputed_steps == 0
+    assert plain.snapshots is None
+    C = plain.costs.carry_bytes
+    assert C == B * H * 4
+    every = bj.Budget(int(plain.temp_bytes * 0.6)).plan(step, h0, xs)
+    assert every.strategy == bj.EveryStep()
+    tight = bj.Budget(plain.costs.overhead_bytes + 30 * C).plan(step, h0, xs)
+    assert isinstance(tight.strategy, bj.Binomial) and 20 <= tight.snapshots < 30
+    assert tight.recomputed_steps == tight.strategy.recomputed_steps(200)
+    text = str(tight)
+    assert f"Binomial(snapshots={tight.snapshots}) for T=200" in text
+    assert "recomputed steps" in text and "budget" in text
+    # the same plan from the pure model, and from memory.predict
+    again = bj.Budget(tight.budget_bytes).choose(200, tight.costs)
+    assert again.strategy == tight.strategy
+    c = tight.costs
+    assert (
+        bj.memory.predict(
+            bj.Budget(tight.budget_bytes), 200, c.carry_bytes, c.residual_bytes, c.overhead_bytes
+        )
+        == tight.temp_bytes
+    )
+
+
+def test_policy_is_chosen_between_store_all_and_every_step():
+    params, xs, h0 = problem("lstm", 300)
+    step = common.make_step("lstm", params)
+    plain = bj.Budget("100GB").plan(step, h0, xs)
+    policy = jax.checkpoint_policies.save_only_these_names("hidden_projection")
+    plan = bj.Budget(int(0.75 * plain.temp_bytes), policies=(policy,)).plan(step, h0, xs)
+    assert plan.strategy == bj.EveryStep(policy)
+    assert plan.temp_bytes <= 0.95 * 0.75 * plain.temp_bytes
+    assert measured("lstm", 300, bj.Budget(plan.budget_bytes, policies=(policy,))) <= (
+        plan.budget_bytes
+    )
+
+
+def test_too_small_budget_names_the_smallest_that_works():
+    params, xs, h0 = problem("gru", 50)
+    step = common.make_step("gru", params)
+    with pytest.raises(ValueError, match=r"too small.*Binomial\(1\).*Budget\(\d+\) would work"):
+        bj.Budget(1000).plan(step, h0, xs)
+
+
+def gradient(remat, reverse=False, truncation=None, xs_none=False):
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((6, 6)) * 0.4)
+    xs = None if xs_none else jnp.asarray(rng.standard_normal((40, 6)))
+
+    def loss(w, h):
+        def step(h, x):
+            h = jnp.tanh(h @ w + (0.0 if x is None else x))
+            return h, jnp.sum(h**2)
+
+        c, ys = bj.scan(step, h, xs, length=40, reverse=reverse, remat=remat, truncation=truncation)
+        return jnp.sum(ys * jnp.cos(jnp.arange(40.0))) + jnp.sum(c)
+
+    return jax.jit(jax.grad(loss, (0, 1)))(w, jnp.ones(6) * 0.1)
+
+
+@pytest.mark.parametrize("budget", ["1MB", 5_000, 2_500])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(
+    "truncation",
+    [None, bj.Truncate(every=7), bj.RandomTruncate(jax.random.key(1), keep_prob=0.7)],
+    ids=["full", "Truncate", "RandomTruncate"],
+)
+def test_gradient_equals_store_all(budget, reverse, truncation):
+    got = gradient(bj.Budget(budget), reverse, truncation)
+    want = gradient(bj.StoreAll(), reverse, truncation)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-14), got, want)
+
+
+def test_xs_none_and_static_argument():
+    got = gradient(bj.Budget(3_000), xs_none=True)
+    want = gradient(bj.StoreAll(), xs_none=True)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-12), got, want)
+    assert bj.Budget("1MB") == bj.Budget(1_000_000)
+    assert hash(bj.Budget("1MB")) == hash(bj.Budget(1_000_000))
