@@ -387,6 +387,9 @@ def _nested_peak(n: int, lengths: tuple[int, ...], C: int, R: int) -> tuple[int,
     return q * C + stored, 1 + loops, evals
 
 
+_ENGINE_BYTES = 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class Binomial(RematStrategy):
     """Griewank and Walther's binomial checkpointing ("revolve"): optimal for its memory.
@@ -454,8 +457,10 @@ class Binomial(RematStrategy):
         # 10,000: XLA reuses plain BPTT's fixed buffers for the step residuals
         # and the parameter accumulators, so the temp is the snapshots plus
         # plain's overhead (within 3%), independent of T.
-        # Each snapshot also has its position, an int32.
-        temp = self.snapshots * (costs.carry_bytes + 4) + costs.overhead_bytes
+        # Each snapshot also has its position, an int32; the engine's loop
+        # counters and indices are small buffers that XLA aligns to 64 bytes
+        # (about 2 KiB in all, seen at tiny sizes where nothing else counts).
+        temp = self.snapshots * (costs.carry_bytes + 4) + costs.overhead_bytes + _ENGINE_BYTES
         return Cost(temp, self.recomputed_steps(length))
 
     def scan(self, f, init, xs, length, reverse, unroll):

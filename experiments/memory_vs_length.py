@@ -23,11 +23,13 @@ prescribes:
   the slow drift of a shared machine out of the ratio.
 
 Methods: plain ``lax.scan`` + ``jax.grad`` (the baseline), ``lax.scan`` with a
-``jax.checkpoint``-ed step, ``bj.scan`` with ``StoreAll``, ``EveryStep`` and
-``Nested(2|3|4)``, ``flax.nnx.RNN`` on the matching NNX cell (same sizes,
-read-out and loss) and, if installed, Equinox's checkpointed scan
-(``equinox.internal.scan(..., kind="checkpointed")`` at its default number of
-checkpoints, about ``sqrt(T)``).
+``jax.checkpoint``-ed step, ``bj.scan`` with ``StoreAll``, ``EveryStep``,
+``Nested(2|3|4)``, ``Binomial(ceil(log2 T))``, ``Binomial`` with as many
+snapshots as Equinox's default has checkpoints, and ``Budget`` set to the
+working memory Equinox's default needs at that ``T``; ``flax.nnx.RNN`` on the
+matching NNX cell (same sizes, read-out and loss) and, if installed, Equinox's
+checkpointed scan (``equinox.internal.scan(..., kind="checkpointed")``) at its
+default number of checkpoints (about ``sqrt(2T)``) and at ``ceil(log2 T)``.
 
 Rows go to ``<out>/memory_vs_length.csv`` as soon as every method at one ``T``
 is done, so an interrupted run leaves a valid CSV; a re-run skips the points
@@ -130,10 +132,38 @@ def _checkpointed_lax_scan(f, init, xs):
     return jax.lax.scan(jax.checkpoint(f), init, xs)
 
 
-def _equinox_scan(f, init, xs):
+def _equinox_scan(f, init, xs, checkpoints=None):
     import equinox.internal as eqxi
 
-    return eqxi.scan(f, init, xs, kind="checkpointed")
+    return eqxi.scan(f, init, xs, kind="checkpointed", checkpoints=checkpoints)
+
+
+def log2_snapshots(T: int) -> int:
+    """``ceil(log2 T)``: the classic logarithmic number of checkpoints."""
+    return max(1, math.ceil(math.log2(T))) if T > 1 else 1
+
+
+def equinox_default_checkpoints(T: int) -> int:
+    """The number of checkpoints Equinox's checkpointed scan uses by default, about ``sqrt(2T)``."""
+    return 1 if T <= 1 else math.floor(-1.5 + math.sqrt(2 * T + 0.25)) + 1
+
+
+def _per_length(make_method: Callable[[int], Callable[[Problem], tuple]]):
+    """A method whose configuration depends on ``T`` (e.g. ``Binomial(ceil(log2 T))``)."""
+
+    def build(p: Problem):
+        return make_method(p.T)(p)
+
+    return build
+
+
+def _budget_of_equinox(p: Problem):
+    """``bj.Budget`` set to the working memory of Equinox's default at this point."""
+    grad_fn, make_params = _common_method(scan=_equinox_scan)(p)
+    params = jax.eval_shape(make_params, jax.random.key(0))
+    xs = jax.ShapeDtypeStruct((p.T, p.batch, p.input), jnp.dtype(p.dtype))
+    budget = bj.memory.measure(grad_fn, params, xs).temp_bytes
+    return _common_method(remat=bj.Budget(budget))(p)
 
 
 def _common_method(*, scan=None, remat=None):
@@ -196,8 +226,26 @@ METHODS = (
     Method("bj.Nested(2)", _common_method(remat=bj.Nested(2))),
     Method("bj.Nested(3)", _common_method(remat=bj.Nested(3))),
     Method("bj.Nested(4)", _common_method(remat=bj.Nested(4))),
+    Method(
+        "bj.Binomial(log2 T)",
+        _per_length(lambda T: _common_method(remat=bj.Binomial(log2_snapshots(T)))),
+    ),
+    Method(
+        "bj.Binomial(eqx count)",
+        _per_length(lambda T: _common_method(remat=bj.Binomial(equinox_default_checkpoints(T)))),
+    ),
+    Method("bj.Budget(eqx memory)", _budget_of_equinox, needs="equinox"),
     Method("flax.nnx.RNN", _build_nnx),
     Method("equinox checkpointed", _common_method(scan=_equinox_scan), needs="equinox"),
+    Method(
+        "equinox, log2 T checkpoints",
+        _per_length(
+            lambda T: _common_method(
+                scan=functools.partial(_equinox_scan, checkpoints=log2_snapshots(T))
+            )
+        ),
+        needs="equinox",
+    ),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
@@ -530,13 +578,16 @@ def _is_done(row: dict, args) -> bool:
     )
 
 
-def run_length(T: int, names: list[str], args, config: dict, limit: int, bar=None) -> list[dict]:
+def run_length(
+    T: int, names: list[str], args, config: dict, limit: int, bar=None, methods=None
+) -> list[dict]:
     """Measure every method in ``names`` at length ``T``; return their rows.
 
     The baseline runs too (as the reference for the ratios) even when it is
-    not in ``names``; its row is returned only if it is.
+    not in ``names``; its row is returned only if it is. ``methods`` maps
+    names to :class:`Method` (default: :data:`METHODS`).
     """
-    methods = {m.name: m for m in METHODS}
+    methods = methods or {m.name: m for m in METHODS}
     problem = Problem(args.cell, T, args.batch, args.input, args.hidden, args.dtype)
     device = jax.devices()[0]
     rows: dict[str, dict] = {}
@@ -743,24 +794,26 @@ def _seconds(t: float) -> str:
     return f"{t:.3f} s" if t >= 0.1 else f"{t * 1e3:.2f} ms"
 
 
-def text_table(rows: list[dict], lengths: list[int]) -> str:
+def text_table(rows: list[dict], lengths: list[int], names=None) -> str:
+    """One line per (length, method); ``names`` (default :data:`METHOD_NAMES`) sets the order."""
+    names = list(dict.fromkeys(names)) if names is not None else METHOD_NAMES
     by_key = {(r["method"], int(r["T"])): r for r in rows}
     header = (
-        f"{'T':>7}  {'method':<21}{'temp':>10}{'vs scan':>9}{'args':>10}"
+        f"{'T':>7}  {'method':<28}{'temp':>10}{'vs scan':>9}{'args':>10}"
         f"{'time':>10}{'vs scan':>9}{'compile':>9}  note"
     )
     lines = [header, "-" * len(header)]
     for T in lengths:
-        for name in METHOD_NAMES:
+        for name in names:
             row = by_key.get((name, T))
             if row is None:
                 continue
             if row["status"] != "ok":
-                lines.append(f"{T:>7}  {name:<21}{row['status']:>10}  {row['note']}")
+                lines.append(f"{T:>7}  {name:<28}{row['status']:>10}  {row['note']}")
                 continue
             t = _num(row["time_s"])
             lines.append(
-                f"{T:>7}  {name:<21}{_mb(_num(row['temp_bytes'])):>10}"
+                f"{T:>7}  {name:<28}{_mb(_num(row['temp_bytes'])):>10}"
                 f"{_pct(_num(row['memory_ratio'])):>9}{_mb(_num(row['argument_bytes'])):>10}"
                 f"{_seconds(t):>10}"
                 f"{_times(_num(row['time_ratio'])):>9}{_num(row['compile_s']):>8.2f}s"

@@ -100,6 +100,23 @@ def test_nested_lengths_matches_store_all(lengths, data, cell):
     check_against_store_all(cell, T, (2,), 3, bj.Nested(lengths=tuple(lengths)))
 
 
+PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    cell=st.sampled_from(CELLS),
+    T=st.one_of(st.sampled_from([1, 2] + PRIMES), st.integers(1, 60)),
+    snapshots=st.integers(1, 12),
+    batch=st.sampled_from([(), (1,), (3,)]),
+    hidden=st.integers(1, 5),
+    reverse=st.booleans(),
+)
+def test_binomial_matches_store_all(cell, T, snapshots, batch, hidden, reverse):
+    # T < snapshots, T = snapshots and T >> snapshots are all drawn
+    check_against_store_all(cell, T, batch, hidden, bj.Binomial(snapshots), reverse=reverse)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_step_policies_match_store_all(policy, cell):
@@ -107,7 +124,9 @@ def test_every_step_policies_match_store_all(policy, cell):
 
 
 @pytest.mark.parametrize(
-    "remat", [bj.EveryStep(), bj.Nested(levels=2), bj.Nested(levels=3)], ids=str
+    "remat",
+    [bj.EveryStep(), bj.Nested(levels=2), bj.Nested(levels=3), bj.Binomial(1), bj.Binomial(3)],
+    ids=str,
 )
 @pytest.mark.parametrize(
     "truncation",
@@ -119,8 +138,10 @@ def test_truncation_composes_with_remat(remat, truncation, reverse):
     check_against_store_all("gru", 23, (2,), 3, remat, reverse=reverse, truncation=truncation)
 
 
-@pytest.mark.parametrize("remat", [bj.Nested(levels=2), bj.Nested(levels=3)], ids=str)
-def test_nested_pytree_carry_xs_none_and_closure(remat):
+@pytest.mark.parametrize(
+    "remat", [bj.Nested(levels=2), bj.Nested(levels=3), bj.Binomial(2), bj.Binomial(5)], ids=str
+)
+def test_pytree_carry_xs_none_and_closure(remat):
     w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3)))
 
     def loss(scan, w, init):
@@ -191,6 +212,8 @@ def test_nested_recompute_order(T, lengths):
     assert log == expected_schedule(T, lengths)
     assert sorted(log[:T]) == list(range(T))  # the forward pass runs each step once
     assert len(log) <= len(lengths) * T  # at most L-1 recomputations of each step
+    costs = bj.remat.StepCosts(carry_bytes=1, residual_bytes=1)
+    assert bj.Nested(lengths=lengths).cost(T, costs).recomputed_steps == len(log) - T
 
 
 def test_every_step_recomputes_each_step_once_in_reverse():
@@ -229,7 +252,9 @@ def hlo_size(remat, T):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "remat", [bj.StoreAll(), bj.EveryStep(), bj.Nested(levels=2), bj.Nested(levels=3)], ids=str
+    "remat",
+    [bj.StoreAll(), bj.EveryStep(), bj.Nested(levels=2), bj.Nested(levels=3), bj.Binomial(4)],
+    ids=str,
 )
 def test_compiled_program_does_not_grow_with_length(remat):
     small, large = hlo_size(remat, 100), hlo_size(remat, 100_000)
@@ -275,6 +300,8 @@ def test_nested_uses_much_less_memory_than_store_all():
         temps[name] = bj.memory.measure(fn, params, xs).temp_bytes
     assert temps["n3"] < temps["n2"] < temps["every"] < temps["all"]
     assert temps["n2"] < 0.1 * temps["all"]
+    fn = jax.grad(functools.partial(common.loss, cell="rnn", remat=bj.Binomial(8)))
+    assert bj.memory.measure(fn, params, xs).temp_bytes < temps["n3"]
 
 
 @pytest.mark.slow
@@ -306,6 +333,10 @@ def test_predict_model_by_hand():
     assert (
         bj.memory.predict(bj.Nested(lengths=(10, 10)), 100, C, R, over) == 10 * 10 + 10 * 30 + 2 * 5
     )
+    # Binomial: the snapshots (a carry and an int32 position each) and the overhead
+    assert bj.memory.predict(bj.Binomial(4), 100, C, R, over) == (
+        4 * (10 + 4) + 5 + bj.remat._ENGINE_BYTES
+    )
     # T=95 with (10, 10): 9 full blocks and a remainder of 5 steps
     assert (
         bj.memory.predict(bj.Nested(lengths=(10, 10)), 95, C, R, over) == 9 * 10 + 10 * 30 + 2 * 5
@@ -334,6 +365,8 @@ def test_nested_rejects_bad_arguments():
 def test_predict_and_measure_reject_bad_arguments():
     with pytest.raises(TypeError, match="predict\\(remat=...\\)"):
         bj.memory.predict("nested", 10, 1, 1)
+    with pytest.raises(TypeError, match="abstract"):
+        bj.RematStrategy()
     with pytest.raises(ValueError, match="predict\\(length=...\\).*non-negative int"):
         bj.memory.predict(bj.StoreAll(), -1, 1, 1)
     with pytest.raises(TypeError, match="measure\\(fn=...\\)"):
