@@ -1,5 +1,6 @@
 """Rematerialization strategies: gradients, schedules, program size and memory."""
 
+import dataclasses
 import functools
 import math
 import sys
@@ -340,6 +341,33 @@ def test_predict_model_by_hand():
     # T=95 with (10, 10): 9 full blocks and a remainder of 5 steps
     assert (
         bj.memory.predict(bj.Nested(lengths=(10, 10)), 95, C, R, over) == 9 * 10 + 10 * 30 + 2 * 5
+    )
+
+
+# --- the strategy protocol ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryOther(bj.RematStrategy):
+    """The README's example of a user-written strategy."""
+
+    def scan(self, f, init, xs, length, reverse, unroll):
+        return bj.Nested(lengths=(-(-length // 2), 2)).scan(f, init, xs, length, reverse, unroll)
+
+    def cost(self, length, costs):
+        temp = -(-length // 2) * costs.carry_bytes + 2 * costs.residual_bytes
+        return bj.remat.Cost(temp + 2 * costs.overhead_bytes, length)
+
+
+def test_a_user_written_strategy_runs_and_predicts():
+    check_against_store_all("gru", 17, (2,), 3, EveryOther(), reverse=True)
+    assert bj.memory.predict(EveryOther(), 10, 4, 12, 1) == 5 * 4 + 2 * 12 + 2
+    params, xs = common.abstract_inputs("rnn", 400, 8, 16, 64, jnp.float32)
+    fn = jax.grad(functools.partial(common.loss, cell="rnn", remat=EveryOther()))
+    every = jax.grad(functools.partial(common.loss, cell="rnn", remat=bj.EveryStep()))
+    assert (
+        bj.memory.measure(fn, params, xs).temp_bytes
+        < bj.memory.measure(every, params, xs).temp_bytes
     )
 
 
