@@ -8,7 +8,8 @@ buffers); ``argument_bytes`` are the inputs, a floor no strategy can go under.
 On backends whose devices report ``memory_stats()`` (GPU, TPU),
 :func:`measure` can also run the function once and read the device's peak.
 
-Predicting uses a cost model in units a user can reason about:
+Predicting asks the strategy's own cost model (:meth:`bpttjax.RematStrategy.cost`),
+in units a user can reason about (:class:`StepCosts`):
 
 * ``carry_bytes``: the size of one carry (e.g. ``B·H·4`` for a float32 RNN);
 * ``residual_bytes``: what plain BPTT stores per step (several carries);
@@ -162,11 +163,14 @@ def predict(
 ) -> int:
     """Predict the temporary bytes of a gradient through ``bj.scan(..., remat=remat)``.
 
-    The model counts what each strategy keeps alive at the peak of the
-    backward pass: ``StoreAll`` all ``T`` steps of residuals; ``EveryStep``
-    ``T`` carries plus one step's residuals; ``Nested`` the carries stored by
-    each level (including the remainder blocks the schedule really runs) plus
-    one innermost block of residuals. Each scan level adds ``overhead_bytes``.
+    Delegates to the strategy's own cost model,
+    :meth:`bpttjax.RematStrategy.cost`, which counts what it keeps alive at
+    the peak of the backward pass: ``StoreAll`` all ``T`` steps of residuals;
+    ``EveryStep`` ``T`` carries plus one step's residuals; ``Nested`` the
+    carries stored by each level (including the remainder blocks the schedule
+    really runs) plus one innermost block of residuals, and ``overhead_bytes``
+    per live scan loop; ``Binomial`` its snapshots plus one ``overhead_bytes``;
+    ``Budget`` that of the strategy it would choose.
 
     Args:
       remat: the strategy.
