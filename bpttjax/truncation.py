@@ -20,6 +20,7 @@ composes with every rematerialization strategy.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import numbers
 from typing import Any
@@ -30,21 +31,29 @@ import numpy as np
 
 __all__ = ["TruncationStrategy", "Truncate", "RandomTruncate"]
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
-class TruncationStrategy:
-    """Base class of the truncation strategies (not public API to subclass).
+
+class TruncationStrategy(abc.ABC):
+    """Abstract base class of the truncation strategies (not public API to subclass).
 
     ``_scale(n, t)`` returns the factor applied to the cotangent of the
     carry entering processing step ``n`` (``t`` is the index of that step in
     ``xs``; ``t == n`` unless ``reverse=True``). It is called inside the
-    traced scan body; ``_check(length)`` is called once at the public boundary.
+    traced scan body with ``n`` an int32 counter; ``_check(length)`` is called
+    once at the public boundary.
     """
 
     def _check(self, length: int) -> None:
-        pass
+        if length > _INT32_MAX:
+            raise ValueError(
+                f"truncation counts steps in int32 and supports up to 2**31 - 1 steps, "
+                f"got length {length}"
+            )
 
+    @abc.abstractmethod
     def _scale(self, n: jax.Array, t: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """The factor for the cotangent of the carry entering processing step ``n``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +68,8 @@ class Truncate(TruncationStrategy):
     ``reverse=True`` the windows start at the end of ``xs``.
 
     Args:
-      every: window length ``k >= 1``. ``every >= T`` is full BPTT.
+      every: window length ``k >= 1``, any Python int. ``every >= T`` is full
+        BPTT.
 
     Cost: one integer counter in the carry; no extra memory per step.
 
@@ -80,7 +90,10 @@ class Truncate(TruncationStrategy):
 
     def _scale(self, n, t):
         del t
-        cut = (n > 0) & (n % self.every == 0)
+        # n < T <= 2**31 - 1 (checked), so no multiple of a larger `every` is
+        # ever reached: clipping it changes no cut, and keeps it an int32 (a
+        # larger Python int would wrap to a wrong divisor, or overflow).
+        cut = (n > 0) & (n % min(self.every, _INT32_MAX) == 0)
         return jnp.where(cut, 0.0, 1.0)
 
 
@@ -112,8 +125,9 @@ class RandomTruncate(TruncationStrategy):
         truncation pattern.
       keep_prob: ``π``, the probability of keeping the carry's gradient at a
         step: a float in ``(0, 1]`` for every step, or an array of shape
-        ``(T,)`` giving ``π_t`` per index ``t`` of ``xs``
-        (``keep_prob[0]`` is never used: nothing precedes the first step
+        ``(T,)`` giving ``π_t`` per index ``t`` of ``xs``. The entry of the
+        first step processed is never used: ``keep_prob[0]``, or
+        ``keep_prob[T - 1]`` with ``reverse=True`` (nothing precedes that step
         except ``init``, whose gradient is always kept).
 
     Cost: one integer counter in the carry; ``ξ_t`` is recomputed from
@@ -153,13 +167,18 @@ class RandomTruncate(TruncationStrategy):
             arr = np.asarray(p, dtype=np.float64)
             bad = ~((arr > 0.0) & (arr <= 1.0))
             if np.any(bad):
+                hint = (
+                    " (probability 0 would divide by zero; use Truncate to always cut)"
+                    if np.any(arr == 0.0)
+                    else ""
+                )
                 raise ValueError(
                     "RandomTruncate(keep_prob=...) expects probabilities in (0, 1], got "
-                    f"{arr[bad].ravel()[:5].tolist()} (probability 0 would divide by zero; "
-                    "use Truncate to always cut)"
+                    f"{arr[bad].ravel()[:5].tolist()}{hint}"
                 )
 
     def _check(self, length):
+        super()._check(length)
         if np.ndim(self.keep_prob) == 1 and np.shape(self.keep_prob)[0] != length:
             raise ValueError(
                 "RandomTruncate(keep_prob=...) array must have one entry per step, shape "

@@ -1,6 +1,7 @@
 """Truncate and RandomTruncate against explicit references."""
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -272,3 +273,69 @@ def test_random_truncate_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"shape \(5,\), got shape \(3,\)"):
         tr = bj.RandomTruncate(jax.random.key(0), keep_prob=jnp.full(3, 0.5))
         bj.scan(lambda h, x: (h + x, None), jnp.float64(0), jnp.zeros(5), truncation=tr)
+
+
+# --- huge windows, abstract base, messages --------------------------------------------------
+
+
+@pytest.mark.parametrize("every", [2**31 - 1, 2**31, 2**32, 2**32 + 3, sys.maxsize])
+def test_truncate_longer_than_int32_is_full_bptt(every):
+    """``every >= T`` is full BPTT for any Python int, although the step counter is int32."""
+    p = make_params()
+    h0, xs = inputs(7)
+    g = lambda tr: jax.grad(functools.partial(loss, functools.partial(bj.scan, truncation=tr)))
+    assert tree_rel_err(g(bj.Truncate(every))(p, h0, xs), g(None)(p, h0, xs)) == 0.0
+
+
+@pytest.mark.parametrize("every", [2**31, 2**32, 2**32 + 3, sys.maxsize])
+def test_truncate_longer_than_int32_is_full_bptt_in_float32_mode(every):
+    f32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+    p, (h0, xs) = f32(make_params()), f32(inputs(7))
+    with jax.enable_x64(False):
+        g = lambda tr: jax.grad(functools.partial(loss, functools.partial(bj.scan, truncation=tr)))
+        got, want = g(bj.Truncate(every))(p, h0, xs), g(None)(p, h0, xs)
+        assert jax.tree.leaves(got)[0].dtype == jnp.float32
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_truncation_rejects_more_steps_than_the_int32_counter_holds():
+    with pytest.raises(ValueError, match=r"up to 2\*\*31 - 1 steps, got length 2147483648"):
+        bj.scan(lambda c, _: (c, None), 0.0, None, length=2**31, truncation=bj.Truncate(3))
+
+
+def test_truncation_strategy_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        bj.TruncationStrategy()
+
+    class Incomplete(bj.TruncationStrategy):
+        pass
+
+    with pytest.raises(TypeError, match="_scale"):
+        Incomplete()
+
+
+@pytest.mark.parametrize("p", [1.5, float("nan"), float("inf"), -0.5])
+def test_random_truncate_zero_hint_only_for_zero(p):
+    with pytest.raises(ValueError, match=r"probabilities in \(0, 1\]") as err:
+        bj.RandomTruncate(jax.random.key(0), keep_prob=p)
+    assert "divide by zero" not in str(err.value)
+    with pytest.raises(ValueError, match="probability 0 would divide by zero"):
+        bj.RandomTruncate(jax.random.key(0), keep_prob=jnp.array([0.5, 0.0, 1.5]))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_random_truncate_first_processed_entry_of_keep_prob_is_unused(reverse):
+    """keep_prob[0] going forward, keep_prob[T - 1] with reverse=True, as documented."""
+    p = make_params()
+    h0, xs = inputs(6)
+    first, other = (5, 0) if reverse else (0, 5)
+
+    def grads(entry, value):
+        keep = jnp.full(6, 0.5).at[entry].set(value)
+        tr = bj.RandomTruncate(jax.random.key(4), keep_prob=keep)
+        scan_fn = functools.partial(bj.scan, reverse=reverse, truncation=tr)
+        return jax.grad(functools.partial(loss, scan_fn))(p, h0, xs)
+
+    base = grads(first, 0.5)
+    assert tree_rel_err(grads(first, 1e-6), base) == 0.0
+    assert tree_rel_err(grads(other, 1.0), base) > 1e-3  # kept where 0.5 cut, or unscaled
