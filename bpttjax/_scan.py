@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
+import operator
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,6 +22,11 @@ Y = TypeVar("Y")
 __all__ = ["scan"]
 
 _STORE_ALL = StoreAll()
+_REMAT_EXAMPLES = (
+    "bj.StoreAll(), bj.EveryStep(), bj.Nested(levels=2), bj.Binomial(snapshots=...) "
+    "or bj.Budget(bytes)"
+)
+_TRUNCATION_EXAMPLES = "None, bj.Truncate(every=k) or bj.RandomTruncate(key, keep_prob)"
 
 
 def scan(
@@ -48,11 +55,12 @@ def scan(
       init: the initial carry, any pytree of arrays.
       xs: pytree of arrays with a common leading axis ``T`` (``xs: leading
         axis T``), or ``None`` together with ``length``.
-      length: the number of steps ``T``; required when ``xs`` is ``None``,
+      length: the number of steps ``T``, a concrete int (it fixes the shape
+        of ``ys``, so it cannot be traced); required when ``xs`` is ``None``,
         must agree with ``xs`` otherwise.
       reverse: scan from the end of ``xs`` to the start (``ys`` stay aligned
         with ``xs``).
-      unroll: passed to ``jax.lax.scan``.
+      unroll: a concrete non-negative int or a bool, passed to ``jax.lax.scan``.
       remat: a rematerialization strategy from ``bpttjax`` (default
         :class:`~bpttjax.StoreAll`, which is exactly ``lax.scan``);
         see ``bpttjax.remat`` for memory and recomputation costs.
@@ -62,13 +70,18 @@ def scan(
 
     Returns:
       ``(carry, ys)``: the final carry and the stacked per-step outputs (leading
-      axis ``T``), exactly as ``jax.lax.scan`` returns them.
+      axis ``T``), exactly as ``jax.lax.scan`` returns them, in the same kind
+      of container ``f`` returns its pair in (a list if ``f`` returns a list).
 
     Raises:
       TypeError: ``f`` is not callable, ``remat``/``truncation`` are not
-        strategies, or ``f`` changes the carry's structure, shape or dtype.
+        strategy instances, a leaf of ``init`` or ``xs`` is not an array or a
+        number, or ``f`` changes the carry's structure, shape or dtype (every
+        mismatch is listed, by its path in the carry).
+      jax.errors.ConcretizationTypeError: ``length`` or ``unroll`` is traced.
       ValueError: ``xs`` leaves disagree on the leading axis, ``length``
-        disagrees with ``xs``, or neither gives the number of steps.
+        disagrees with ``xs``, neither gives the number of steps, or
+        ``unroll`` is negative.
 
     Example:
       >>> def step(h, x):
@@ -78,36 +91,22 @@ def scan(
     """
     if not callable(f):
         raise TypeError(f"scan(f=...) expects a callable step f(carry, x), got {type(f).__name__}")
-    if isinstance(remat, type) and issubclass(remat, RematStrategy):
-        raise TypeError(
-            f"scan(remat=...) expects a strategy instance, got the class {remat.__name__}; "
-            f"write remat={remat.__name__}()"
-        )
-    if not isinstance(remat, RematStrategy):
-        raise TypeError(
-            "scan(remat=...) expects a bpttjax remat strategy such as bj.StoreAll() or "
-            f"bj.EveryStep(), got {type(remat).__name__}: {remat!r}"
-        )
-    if isinstance(truncation, type) and issubclass(truncation, TruncationStrategy):
-        raise TypeError(
-            f"scan(truncation=...) expects a strategy instance, got the class {truncation.__name__}"
-        )
-    if truncation is not None and not isinstance(truncation, TruncationStrategy):
-        raise TypeError(
-            "scan(truncation=...) expects None, bj.Truncate(every=k) or "
-            f"bj.RandomTruncate(key, ...), got {type(truncation).__name__}: {truncation!r}"
-        )
+    _check_strategy("remat", remat, RematStrategy, _REMAT_EXAMPLES)
+    if truncation is not None:
+        _check_strategy("truncation", truncation, TruncationStrategy, _TRUNCATION_EXAMPLES)
     if not isinstance(reverse, bool | np.bool_):
         raise TypeError(f"scan(reverse=...) expects a bool, got {type(reverse).__name__}")
-    if not isinstance(unroll, bool | numbers.Integral):
-        raise TypeError(f"scan(unroll=...) expects an int or bool, got {type(unroll).__name__}")
+    _check_unroll(unroll)
+    _check_leaves("init", init)
     T = _check_length(xs, length)
     if truncation is not None:
         truncation._check(T)
 
-    step = _checked_step(f)
+    pair = _PairKind()
+    step = _checked_step(f, pair)
     if truncation is None:
-        return remat.scan(step, init, xs, T, bool(reverse), unroll)
+        carry, ys = remat.scan(step, init, xs, T, bool(reverse), unroll)
+        return pair.build(carry, ys)
 
     def truncated_step(state, x):
         n, carry = state
@@ -120,7 +119,7 @@ def scan(
     (_, carry), ys = remat.scan(
         truncated_step, (jnp.zeros((), jnp.int32), init), xs, T, bool(reverse), unroll
     )
-    return carry, ys
+    return pair.build(carry, ys)
 
 
 def _scale_leaf(c, s):
@@ -130,17 +129,74 @@ def _scale_leaf(c, s):
     return scale_cotangent(c, s)
 
 
+# --- the arguments ------------------------------------------------------------------------
+
+
+def _check_strategy(name: str, value: Any, base: type, examples: str) -> None:
+    """Reject anything but an instance of a concrete subclass of ``base``."""
+    if isinstance(value, type) and issubclass(value, base):
+        if inspect.isabstract(value):
+            raise TypeError(
+                f"scan({name}=...) expects a strategy instance, got the abstract base class "
+                f"{value.__name__}; pass one of {examples}"
+            )
+        raise TypeError(
+            f"scan({name}=...) expects a strategy instance, got the class {value.__name__}; "
+            f"write {name}={value.__name__}({_required_args(value)})"
+        )
+    if not isinstance(value, base):
+        raise TypeError(
+            f"scan({name}=...) expects a bpttjax {name} strategy such as {examples}, "
+            f"got {type(value).__name__}: {value!r}"
+        )
+
+
+def _required_args(cls: type) -> str:
+    """``"every=..."`` for the arguments ``cls`` cannot be built without."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return "..."
+    return ", ".join(
+        f"{p.name}=..."
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    )
+
+
+def _check_unroll(unroll: Any) -> None:
+    if isinstance(unroll, jax.core.Tracer):
+        raise jax.errors.ConcretizationTypeError(
+            unroll,
+            "scan(unroll=...) must be a Python int or bool when the scan is traced: it "
+            "decides how many steps the compiled loop body holds, so it cannot depend on "
+            "the arguments of a jitted function (mark it static, e.g. "
+            "jax.jit(fn, static_argnames='unroll')).\n",
+        )
+    if not isinstance(unroll, bool | numbers.Integral):
+        raise TypeError(f"scan(unroll=...) expects an int or bool, got {type(unroll).__name__}")
+    if unroll < 0:
+        raise ValueError(f"scan(unroll=...) expects a bool or a non-negative int, got {unroll}")
+
+
+def _check_leaves(name: str, tree: Any) -> None:
+    """Every leaf of ``tree`` must be something JAX can trace: an array or a number."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        try:
+            jax.typeof(leaf)
+        except (TypeError, OverflowError) as err:
+            raise TypeError(
+                f"scan({name}=...) leaves must be arrays or numbers, but "
+                f"{name}{jax.tree_util.keystr(path)} is {_describe(leaf)}: {err}"
+            ) from None
+
+
 def _check_length(xs: Any, length: Any) -> int:
     """The number of steps, after checking ``xs`` and ``length`` agree."""
     if length is not None:
-        if isinstance(length, bool) or not isinstance(length, numbers.Integral):
-            raise TypeError(
-                f"scan(length=...) expects a non-negative int or None, got "
-                f"{type(length).__name__}: {length!r}"
-            )
-        if length < 0:
-            raise ValueError(f"scan(length=...) expects a non-negative int, got {length}")
-        length = int(length)
+        length = _concrete_length(length)
+    _check_leaves("xs", xs)
     leaves, _ = jax.tree_util.tree_flatten_with_path(xs)
     sizes = {}
     for path, leaf in leaves:
@@ -172,35 +228,171 @@ def _check_length(xs: Any, length: Any) -> int:
     return T
 
 
-def _checked_step(f: Callable) -> Callable:
-    """Wrap ``f`` so that a carry mismatch is reported in terms of the user's step."""
+def _concrete_length(length: Any) -> int:
+    """``length`` as a non-negative Python int; a concrete integer array is accepted."""
+    bad_type = TypeError(
+        f"scan(length=...) expects a non-negative int or None, got "
+        f"{type(length).__name__}: {length!r}"
+    )
+    if isinstance(length, bool):
+        raise bad_type
+    if isinstance(length, jax.core.Tracer):
+        try:
+            length = operator.index(length)
+        except TypeError:  # traced (JAX's conversion errors are TypeErrors)
+            raise jax.errors.ConcretizationTypeError(
+                length,
+                "scan(length=...) must be a Python int when the scan is traced: the number "
+                "of steps fixes the shape of ys, so it cannot depend on the arguments of a "
+                "jitted function. Pass it as a static argument (e.g. "
+                "jax.jit(fn, static_argnames='length')), or, for a number of steps known "
+                "only at run time, use jax.lax.while_loop or jax.lax.fori_loop, or scan "
+                "over a maximum length and mask the steps past the end.\n",
+            ) from None
+    try:
+        length = operator.index(length)
+    except TypeError:
+        raise bad_type from None
+    if length < 0:
+        raise ValueError(f"scan(length=...) expects a non-negative int, got {length}")
+    return length
+
+
+# --- the step -----------------------------------------------------------------------------
+
+
+class _PairKind:
+    """The container ``f`` returns ``(carry, y)`` in, so that ``scan`` returns the same."""
+
+    def __init__(self):
+        self.cls: type = tuple
+
+    def record(self, out: tuple | list) -> None:
+        self.cls = type(out)
+
+    def build(self, carry: Any, ys: Any) -> Any:
+        if self.cls is list:
+            return [carry, ys]
+        if self.cls is not tuple and hasattr(self.cls, "_make"):  # a namedtuple
+            return self.cls._make((carry, ys))
+        return (carry, ys)
+
+
+def _checked_step(f: Callable, pair: _PairKind | None = None) -> Callable:
+    """Wrap ``f`` so that a carry mismatch is reported in terms of the user's step.
+
+    ``pair``, if given, records the container ``f`` returns its pair in.
+    """
 
     def step(carry, x):
         out = f(carry, x)
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(
-                "scan(f=...) must return a pair (carry, y), got "
-                f"{type(out).__name__}"
-                + (f" of length {len(out)}" if hasattr(out, "__len__") else "")
+                "scan(f=...) must return a pair (carry, y) as a tuple or list, got "
+                f"{_describe(out)}"
             )
+        if pair is not None:
+            pair.record(out)
         new_carry, y = out
-        in_def = jax.tree.structure(carry)
-        out_def = jax.tree.structure(new_carry)
-        if in_def != out_def:
+        if jax.tree.structure(carry) != jax.tree.structure(new_carry):
+            diffs = _structure_diffs(carry, new_carry, ())
+            if not diffs:  # only node metadata differs; show both whole
+                diffs = [
+                    f"init is {jax.tree.structure(carry)}, "
+                    f"f returned {jax.tree.structure(new_carry)}"
+                ]
             raise TypeError(
-                "scan(f=...) must return a carry with the same pytree structure as init; "
-                f"expected {in_def}, got {out_def}"
+                "scan(f=...) must return a carry with the same pytree structure as init, "
+                "but they differ:\n"
+                + _bullets(diffs)
+                + "\n\nReturn the carry in the same containers (same dict keys, sequence "
+                "lengths and None entries) as init."
             )
         paths = jax.tree_util.tree_flatten_with_path(carry)[0]
+        diffs = []
         for (path, a), b in zip(paths, jax.tree.leaves(new_carry), strict=True):
             a_t, b_t = jax.typeof(a), jax.typeof(jnp.asarray(b))
             same_dtype = a_t.dtype == b_t.dtype or a_t.weak_type
             if a_t.shape != b_t.shape or not same_dtype:
-                raise TypeError(
-                    f"scan(f=...) changed the carry at carry{jax.tree_util.keystr(path)}: "
-                    f"init has {a_t.dtype}{list(a_t.shape)}, f returned "
-                    f"{b_t.dtype}{list(b_t.shape)}; the carry must keep its shape and dtype"
+                what = " and ".join(
+                    w
+                    for w, bad in (("shape", a_t.shape != b_t.shape), ("dtype", not same_dtype))
+                    if bad
                 )
+                diffs.append(
+                    f"carry{jax.tree_util.keystr(path)}: init has "
+                    f"{a_t.dtype}{list(a_t.shape)}, f returned {b_t.dtype}{list(b_t.shape)} "
+                    f"({what} changed)"
+                )
+        if diffs:
+            raise TypeError(
+                "scan(f=...) changed the shape or dtype of the carry, which must keep both:\n"
+                + _bullets(diffs)
+            )
         return new_carry, y
 
     return step
+
+
+def _bullets(lines: list[str]) -> str:
+    return "\n".join(f"  * {line}" for line in lines)
+
+
+def _describe(x: Any) -> str:
+    """A value in the user's terms: ``an array of shape (2,) and dtype float64``."""
+    if x is None:
+        return "None"
+    if isinstance(x, dict):
+        return f"a dict with keys {sorted(x, key=repr)}"
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return f"a {type(x).__name__} (namedtuple) with fields {list(x._fields)}"
+    if isinstance(x, tuple | list):
+        return f"a {type(x).__name__} of length {len(x)}"
+    if isinstance(x, str | bytes):
+        return f"a {type(x).__name__} {x!r}"
+    try:
+        aval = jax.typeof(x)
+    except (TypeError, OverflowError):
+        return f"a {type(x).__name__}"
+    if not hasattr(aval, "shape"):
+        return f"a {type(x).__name__}"
+    if isinstance(x, numbers.Number):
+        return f"a Python {type(x).__name__} ({aval.dtype})"
+    return f"an array of shape {tuple(aval.shape)} and dtype {aval.dtype}"
+
+
+def _structure_diffs(a: Any, b: Any, path: tuple) -> list[str]:
+    """Every place where the pytrees ``a`` (init's carry) and ``b`` (f's) differ."""
+    if jax.tree.structure(a) == jax.tree.structure(b):
+        return []
+    where = "carry" + jax.tree_util.keystr(path)
+    a_kids, b_kids = _children(a), _children(b)
+    if a_kids is None or b_kids is None or type(a) is not type(b):
+        return [f"{where} is {_describe(a)} in init, but f returned {_describe(b)}"]
+    a_keys, b_keys = [k for k, _ in a_kids], [k for k, _ in b_kids]
+    if a_keys != b_keys:
+        if isinstance(a, dict):
+            extra = sorted(set(b) - set(a), key=repr)
+            missing = sorted(set(a) - set(b), key=repr)
+            notes = [
+                f"extra keys {extra}" if extra else "",
+                f"missing keys {missing}" if missing else "",
+            ]
+            note = "; ".join(n for n in notes if n)
+            return [f"{where} is {_describe(a)} in init, but f returned {_describe(b)} ({note})"]
+        return [f"{where} is {_describe(a)} in init, but f returned {_describe(b)}"]
+    diffs = []
+    for (key, a_kid), (_, b_kid) in zip(a_kids, b_kids, strict=True):
+        diffs += _structure_diffs(a_kid, b_kid, (*path, key))
+    return diffs
+
+
+def _children(x: Any) -> list | None:
+    """``x``'s children with their keys, or ``None`` if ``x`` is a leaf."""
+    if x is None:
+        return []
+    try:
+        kids, _ = jax.tree_util.flatten_one_level_with_keys(x)
+    except ValueError:
+        return None
+    return list(kids)
