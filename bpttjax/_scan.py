@@ -83,6 +83,16 @@ def scan(
         disagrees with ``xs``, neither gives the number of steps, or
         ``unroll`` is negative.
 
+    Carry leaves that ``f`` returns unchanged (read-only state kept in the
+    carry, such as parameters or a mask) are taken out of the loop, as
+    ``jax.lax.scan`` does: no strategy stores them per step, and the final
+    carry holds the very value passed in ``init`` (so a scan inside a
+    ``jax.lax.cond`` with a batched predicate leaves them unbatched, as
+    ``vmap(..., out_axes=None)`` needs). Finding them traces ``f`` once more
+    for the strategies other than ``StoreAll``, whose ``lax.scan`` does it
+    itself. Under a ``truncation`` they stay in the carry, since the cut
+    applies to their gradient too.
+
     Example:
       >>> def step(h, x):
       ...     h = jnp.tanh(x @ W_xh + h @ W_hh)
@@ -105,7 +115,7 @@ def scan(
     pair = _PairKind()
     step = _checked_step(f, pair)
     if truncation is None:
-        carry, ys = remat.scan(step, init, xs, T, bool(reverse), unroll)
+        carry, ys = _scan_moving_passthrough(remat, step, init, xs, T, bool(reverse), unroll)
         return pair.build(carry, ys)
 
     def truncated_step(state, x):
@@ -396,3 +406,55 @@ def _children(x: Any) -> list | None:
     except ValueError:
         return None
     return list(kids)
+
+
+# --- read-only carries --------------------------------------------------------------------
+
+
+def _scan_moving_passthrough(remat, step, init, xs, T, reverse, unroll):
+    """``remat.scan``, with the carry leaves ``step`` returns unchanged kept out of the loop.
+
+    ``lax.scan`` does the same (it moves such leaves to the loop's constants),
+    but only where it sees them: its analysis does not look inside
+    ``jax.checkpoint`` (jax 0.10.2 has no forwarding rule for it; jax-ml/jax
+    PR #31251, "Remat forwarding rule", is open), nor inside our custom_vjp
+    engine. Without this, ``EveryStep``, ``Nested`` and ``Binomial`` would store
+    such leaves at every step, and a pass-through scan inside a ``cond`` with a
+    batched predicate would return them batched, so ``vmap(..., out_axes=None)``
+    fails (``cond`` keeps unbatched only what its branches return unchanged,
+    jax-ml/jax PRs #21673 and #21806). ``lax.scan(jax.checkpoint(f))`` fails
+    the same way.
+    """
+    if T == 0 or type(remat) is StoreAll:
+        return remat.scan(step, init, xs, T, reverse, unroll)
+    leaves, treedef = jax.tree.flatten(init)
+    fixed = _passthrough_leaves(step, init, xs)
+    if not any(fixed):
+        return remat.scan(step, init, xs, T, reverse, unroll)
+    # The step sees arrays, as inside lax.scan; the final carry holds init's own values.
+    inside = [jnp.asarray(leaf) if keep else None for leaf, keep in zip(leaves, fixed, strict=True)]
+
+    def merge(fill, moving):
+        moving = iter(moving)
+        return [f if keep else next(moving) for f, keep in zip(fill, fixed, strict=True)]
+
+    def moving_step(moving, x):
+        new_carry, y = step(treedef.unflatten(merge(inside, moving)), x)
+        new = jax.tree.leaves(new_carry)
+        return [leaf for leaf, keep in zip(new, fixed, strict=True) if not keep], y
+
+    moving = [leaf for leaf, keep in zip(leaves, fixed, strict=True) if not keep]
+    moving, ys = remat.scan(moving_step, moving, xs, T, reverse, unroll)
+    return treedef.unflatten(merge(leaves, moving)), ys
+
+
+def _passthrough_leaves(step: Callable, init: Any, xs: Any) -> list[bool]:
+    """For each leaf of ``init``, whether ``step`` returns it unchanged (one abstract trace)."""
+
+    def first_step(carry, xs):
+        x = jax.tree.map(lambda a: jax.lax.index_in_dim(a, 0, keepdims=False), xs)
+        return step(carry, x)[0]
+
+    jaxpr = jax.make_jaxpr(first_step)(init, xs).jaxpr
+    n = len(jax.tree.leaves(init))
+    return [out is inp for out, inp in zip(jaxpr.outvars, jaxpr.invars[:n], strict=True)]
