@@ -16,6 +16,31 @@ A truncation only changes the cotangent that flows from step ``t`` back into
 the carry ``h_{t-1}``; forward values are never changed, and gradients that
 reach parameters or inputs directly inside a step are kept. Every strategy
 composes with every rematerialization strategy.
+
+Second derivatives. The cut is an identity on the carry whose *tangent* is
+multiplied by a factor ``ξ_t`` (``0`` or ``1`` for :class:`Truncate`, ``0`` or
+``1/π_t`` for :class:`RandomTruncate`) that depends only on the step index and
+the key, never on the inputs. Differentiating the truncated gradient again
+therefore differentiates the truncated gradient map ``g̃(θ)`` itself:
+``jax.hessian(loss)(θ)[i, j] = ∂g̃_i/∂θ_j`` exactly, the forward states'
+dependence on ``θ`` through the whole history included (they are never cut).
+``jax.jvp(jax.grad(loss), (θ,), (v,))`` is the product ``J_g̃(θ)·v`` a
+Newton-type method on the truncated gradient field needs; reverse over reverse
+(``jax.grad`` of ``vdot(jax.grad(loss)(θ), v)``, with the strategies that
+support it) gives ``J_g̃(θ)ᵀ·v``. ``g̃`` is in general not the gradient of
+any scalar function, so ``J_g̃`` need not be symmetric and the two can differ.
+For :class:`RandomTruncate` this holds for the fixed ``ξ`` that the key draws.
+It holds for ``StoreAll``, ``EveryStep`` and ``Nested``; not yet for
+``Binomial`` (nor ``Budget`` when it picks ``Binomial``), whose engine runs its
+forward and recomputing passes as plain calls of the step: an outer ``jvp``
+meets the tangent rule there and cuts the forward tangents too, so
+``jax.hessian`` is then neither ``J_g̃`` nor the ``stop_gradient`` result.
+
+This is not what the ``jax.lax.stop_gradient`` formulation (windows of ``k``
+steps with the state detached between them) gives. Its first gradient is the
+same, but ``stop_gradient`` also zeroes forward tangents, so its
+``jax.hessian`` drops how each window's starting state depends on ``θ``: it
+is not the Jacobian of its own gradient.
 """
 
 from __future__ import annotations
@@ -72,6 +97,10 @@ class Truncate(TruncationStrategy):
         BPTT.
 
     Cost: one integer counter in the carry; no extra memory per step.
+
+    Second derivatives (``jax.hessian``, ``jvp∘grad``) are those of the
+    truncated gradient map, not of a ``stop_gradient`` formulation; see
+    :mod:`bpttjax.truncation`.
 
     Example:
       >>> carry, ys = bj.scan(step, h0, xs, truncation=bj.Truncate(every=35))
@@ -132,6 +161,9 @@ class RandomTruncate(TruncationStrategy):
 
     Cost: one integer counter in the carry; ``ξ_t`` is recomputed from
     ``fold_in(key, t)`` in the backward pass, never stored.
+
+    Second derivatives are those of the sampled gradient map for this key's
+    ``ξ``; see :mod:`bpttjax.truncation`.
 
     Warning:
       ``keep_prob`` is checked to lie in ``(0, 1]`` only when it is concrete;

@@ -339,3 +339,77 @@ def test_random_truncate_first_processed_entry_of_keep_prob_is_unused(reverse):
     base = grads(first, 0.5)
     assert tree_rel_err(grads(first, 1e-6), base) == 0.0
     assert tree_rel_err(grads(other, 1.0), base) > 1e-3  # kept where 0.5 cut, or unscaled
+
+
+# --- second derivatives -------------------------------------------------------------------
+
+_BINOMIAL_OUTER_JVP = (
+    "the Binomial engine runs its forward and recomputing passes as plain calls of the "
+    "step, so an outer jvp meets the truncation's tangent rule there and cuts the forward "
+    "tangents too (issue 10, item 14)"
+)
+SECOND_ORDER_REMATS = [
+    pytest.param(bj.StoreAll(), id="StoreAll"),
+    pytest.param(bj.EveryStep(), id="EveryStep"),
+    pytest.param(bj.Nested(levels=2), id="Nested2"),
+    pytest.param(
+        bj.Binomial(3),
+        id="Binomial3",
+        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_BINOMIAL_OUTER_JVP),
+    ),
+]
+TRUNCATIONS = {
+    "Truncate2": bj.Truncate(2),
+    "RandomTruncate": bj.RandomTruncate(jax.random.key(1), keep_prob=0.5),
+}
+
+
+def echo_loss(scan_fn, w):
+    """A tanh recurrence that emits its incoming carry: ys are h_0 … h_{T-1}."""
+    xs = jnp.linspace(-1.0, 1.0, 7)
+    step = lambda h, x: (jnp.tanh(w[0] * h + w[1] * x), h)
+    _, ys = scan_fn(step, jnp.float64(0.5), xs)
+    return jnp.sum(ys**2)
+
+
+def fd_jacobian(g, w, eps=1e-6):
+    """Central differences of ``g``, one column per coordinate of ``w``."""
+    cols = [(g(w + eps * e) - g(w - eps * e)) / (2 * eps) for e in jnp.eye(w.shape[0])]
+    return jnp.stack(cols, axis=1)
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("remat", SECOND_ORDER_REMATS)
+def test_second_derivatives_differentiate_the_truncated_gradient(remat, truncation):
+    """jax.hessian and jvp∘grad are the Jacobian of the truncated gradient map g̃."""
+    scan_fn = functools.partial(bj.scan, remat=remat, truncation=TRUNCATIONS[truncation])
+    L = functools.partial(echo_loss, scan_fn)
+    w = jnp.array([0.8, 1.3])
+    J = fd_jacobian(jax.jit(jax.grad(L)), w)
+    np.testing.assert_allclose(jax.jit(jax.hessian(L))(w), J, rtol=1e-7, atol=1e-8)
+    v = jnp.array([0.3, -1.1])
+    hvp = jax.jit(lambda w, v: jax.jvp(jax.grad(L), (w,), (v,))[1])(w, v)
+    np.testing.assert_allclose(hvp, J @ v, rtol=1e-7, atol=1e-8)
+
+
+def test_second_derivatives_differ_from_the_stop_gradient_formulation():
+    """Same first gradient as windows with stop_gradient, but only ours has J_g̃ as Hessian."""
+
+    def windows(f, init, xs, every=2):
+        carry, ys = init, []
+        for start in range(0, xs.shape[0], every):
+            carry = jax.lax.stop_gradient(carry) if start else carry
+            carry, y = jax.lax.scan(f, carry, xs[start : start + every])
+            ys.append(y)
+        return carry, jnp.concatenate(ys)
+
+    ours = functools.partial(echo_loss, functools.partial(bj.scan, truncation=bj.Truncate(2)))
+    theirs = functools.partial(echo_loss, windows)
+    w = jnp.array([0.8, 1.3])
+    assert rel_err(jax.grad(ours)(w), jax.grad(theirs)(w)) < 1e-13
+    J = fd_jacobian(jax.grad(ours), w)
+    np.testing.assert_allclose(jax.hessian(ours)(w), J, rtol=1e-7, atol=1e-8)
+    assert rel_err(jax.hessian(theirs)(w), J) > 0.1  # stop_gradient also cuts forward tangents
+    assert rel_err(J, J.T) > 0.1  # g̃ is not a gradient: its Jacobian is not symmetric
+    # reverse over reverse gives J_g̃ too (so grad of vdot(g̃, v) is Jᵀ·v)
+    np.testing.assert_allclose(jax.jacrev(jax.grad(ours))(w), J, rtol=1e-7, atol=1e-8)
