@@ -304,7 +304,7 @@ def _forward(spec, closed, consts, init, xs, n):
         k = k + push.astype(_I32)
         keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), carry, buf)
         buf = _store(buf, k, keep)
-        carry, y = closed(carry, x_at(t), *consts)
+        carry, y = _primal(closed, carry, x_at(t), consts)
         return carry, buf, _store(ys, idx(t), y), k
 
     ys = _stack_zeros(length, y_shape)
@@ -316,6 +316,20 @@ def _forward(spec, closed, consts, init, xs, n):
     (carry, y), last_vjp = _vjp(closed, consts, carry, x_at(n - 1))
     ys = _store(ys, idx(n - 1), y)
     return (carry, ys), (buf, pos, k, last_vjp)
+
+
+def _primal(closed, carry, x, consts):
+    """The step's outputs, computed as the primal half of its JVP.
+
+    The same values as ``closed(carry, x, *consts)``. The difference shows
+    under an outer ``jax.jvp`` (``jvp∘grad``): a ``custom_jvp`` in the step,
+    such as the truncation's ``scale_cotangent``, then sees its primal rule
+    only, as it does in plain BPTT's forward pass, instead of rescaling the
+    outer tangents of the forward and recomputed values.
+    """
+    args = (carry, x, list(consts))
+    zeros = jax.tree.map(_zero_cotangent, args)
+    return jax.jvp(lambda c, x, k: closed(c, x, *k), args, zeros)[0]
 
 
 def _vjp(closed, consts, carry, x):
@@ -353,7 +367,7 @@ def _scan_bwd(spec, closed, residuals, cotangents):
     ct_ys = _split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
     idx = _step_index(n, reverse)
     x_at = lambda t: None if xs is None else _index(xs, idx(t))
-    step = lambda c, t: closed(c, x_at(t), *consts)[0]
+    step = lambda c, t: _primal(closed, c, x_at(t), consts)[0]
 
     # youturn: the last step's residuals came from the forward pass
     g_consts, g_carry, g_x = last_vjp(_split_diff(ct_carry)[0], _index(ct_ys, idx(n - 1)))
@@ -372,11 +386,19 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         pos = pos.at[k].set(jnp.where(push, cur, pos[k]))
         return e, k, buf, pos, cur, state
 
-    def reverse_one(loop):
-        """Reverse step ``e − 1``: restore, advance to it, pull the cotangents back."""
-        e, k, buf, pos, g_consts, g_carry, xs_bar = loop
+    def restore_and_advance(e, k, buf, pos):
+        """The state before step ``e − 1``: restore the newest snapshot, advance to it."""
         seg = (e, k, buf, pos, pos[k], _index(buf, k))
         _, k, buf, pos, _, state = jax.lax.while_loop(lambda s: s[0] - s[4] > 1, segment, seg)
+        return k, buf, pos, state
+
+    def reverse_one(loop):
+        """Reverse step ``e − 1``, and meanwhile get the state for step ``e − 2``.
+
+        The two are independent, so XLA may run the recomputation alongside
+        the pullback's products (software pipelining across iterations).
+        """
+        e, k, buf, pos, state, g_consts, g_carry, xs_bar = loop
         e = e - 1
         _, pull = _vjp(closed, consts, state, x_at(e))
         d_consts, g_carry, g_x = pull(g_carry, _index(ct_ys, idx(e)))
@@ -384,9 +406,11 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         if xs_bar is not None:
             xs_bar = _store(xs_bar, idx(e), g_x)
         k = jnp.where((pos[k] == e) & (k > 0), k - 1, k)
-        return e, k, buf, pos, g_consts, g_carry, xs_bar
+        k, buf, pos, state = restore_and_advance(e, k, buf, pos)
+        return e, k, buf, pos, state, g_consts, g_carry, xs_bar
 
-    loop = (n - 1, k, buf, pos, g_consts, g_carry, xs_bar)
+    k, buf, pos, state = restore_and_advance(n - 1, k, buf, pos)
+    loop = (n - 1, k, buf, pos, state, g_consts, g_carry, xs_bar)
     *_, g_consts, g_carry, xs_bar = jax.lax.while_loop(lambda s: s[0] > 0, reverse_one, loop)
     ct_xs = None if xs is None else _with_zeros(xs, xs_bar)
     return _with_zeros(list(consts), g_consts), _with_zeros(init, g_carry), ct_xs, None

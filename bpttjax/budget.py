@@ -191,7 +191,9 @@ class Budget(RematStrategy):
         fits = lambda cost: cost.temp_bytes <= usable
         candidates = [(StoreAll(), StoreAll().cost(length, costs))]
         for strategy, pc in sorted(policy_costs, key=lambda sc: -sc[1].residual_bytes):
-            candidates.append((strategy, StoreAll().cost(length, pc)))
+            # measured like plain BPTT (what it keeps per step is its slope);
+            # it still re-evaluates each step in the backward pass
+            candidates.append((strategy, Cost(StoreAll().cost(length, pc).temp_bytes, length)))
         candidates.append((EveryStep(), EveryStep().cost(length, costs)))
         for strategy, cost in candidates:
             if fits(cost):

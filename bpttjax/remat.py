@@ -312,11 +312,21 @@ class Nested(RematStrategy):
                     f"Nested(lengths=...) expects a tuple of positive ints, got "
                     f"{type(lengths).__name__}: {lengths!r}"
                 )
-            if not lengths or not all(_is_pos_int(n) for n in lengths):
+            if not lengths:
                 raise ValueError(
-                    "Nested(lengths=...) expects a non-empty tuple of positive ints, "
-                    f"got {lengths!r}"
+                    "Nested(lengths=...) expects a non-empty tuple of positive ints, got ()"
                 )
+            for i, n in enumerate(lengths):
+                if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                    raise TypeError(
+                        f"Nested(lengths=...) expects a tuple of positive ints, but lengths[{i}] "
+                        f"is {type(n).__name__}: {n!r}"
+                    )
+                if n < 1:
+                    raise ValueError(
+                        "Nested(lengths=...) expects a non-empty tuple of positive ints, but "
+                        f"lengths[{i}] is {n}"
+                    )
             object.__setattr__(self, "lengths", tuple(int(n) for n in lengths))
             object.__setattr__(self, "levels", len(lengths))
         elif isinstance(self.levels, bool) or not isinstance(self.levels, numbers.Integral):
@@ -357,10 +367,6 @@ class Nested(RematStrategy):
         if length == 0:
             return jax.lax.scan(f, init, xs, length=0, reverse=reverse, unroll=unroll)
         return _nested_scan(f, init, xs, 0, length, lengths, reverse, unroll)
-
-
-def _is_pos_int(n: Any) -> bool:
-    return not isinstance(n, bool) and isinstance(n, numbers.Integral) and n >= 1
 
 
 def _nested_peak(n: int, lengths: tuple[int, ...], C: int, R: int) -> tuple[int, int, int]:

@@ -30,11 +30,9 @@ Newton-type method on the truncated gradient field needs; reverse over reverse
 support it) gives ``J_g̃(θ)ᵀ·v``. ``g̃`` is in general not the gradient of
 any scalar function, so ``J_g̃`` need not be symmetric and the two can differ.
 For :class:`RandomTruncate` this holds for the fixed ``ξ`` that the key draws.
-It holds for ``StoreAll``, ``EveryStep`` and ``Nested``; not yet for
-``Binomial`` (nor ``Budget`` when it picks ``Binomial``), whose engine runs its
-forward and recomputing passes as plain calls of the step: an outer ``jvp``
-meets the tangent rule there and cuts the forward tangents too, so
-``jax.hessian`` is then neither ``J_g̃`` nor the ``stop_gradient`` result.
+It holds for every remat strategy (``Binomial``'s engine evaluates its
+forward and recomputed steps as the primal half of the step's JVP, so an
+outer ``jvp`` does not meet the tangent rule there).
 
 This is not what the ``jax.lax.stop_gradient`` formulation (windows of ``k``
 steps with the state detached between them) gives. Its first gradient is the

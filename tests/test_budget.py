@@ -143,37 +143,66 @@ def test_too_small_budget_names_the_smallest_that_works():
         bj.Budget(1000).plan(step, h0, xs)
 
 
-def gradient(remat, reverse=False, truncation=None, xs_none=False):
+T_SMALL, H_SMALL = 60, 32
+
+
+def small_problem(xs_none=False):
     rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.standard_normal((6, 6)) * 0.4)
-    xs = None if xs_none else jnp.asarray(rng.standard_normal((40, 6)))
+    w = jnp.asarray(rng.standard_normal((H_SMALL, H_SMALL)) / np.sqrt(H_SMALL))
+    xs = None if xs_none else jnp.asarray(rng.standard_normal((T_SMALL, H_SMALL)))
+
+    def step(h, x):
+        h = jnp.tanh(h @ w + (0.0 if x is None else x))
+        return h, jnp.sum(h**2)
+
+    return w, xs, step
+
+
+def gradient(remat, reverse=False, truncation=None, xs_none=False):
+    w, xs, _ = small_problem(xs_none)
 
     def loss(w, h):
         def step(h, x):
             h = jnp.tanh(h @ w + (0.0 if x is None else x))
             return h, jnp.sum(h**2)
 
-        c, ys = bj.scan(step, h, xs, length=40, reverse=reverse, remat=remat, truncation=truncation)
-        return jnp.sum(ys * jnp.cos(jnp.arange(40.0))) + jnp.sum(c)
+        c, ys = bj.scan(
+            step, h, xs, length=T_SMALL, reverse=reverse, remat=remat, truncation=truncation
+        )
+        return jnp.sum(ys * jnp.cos(jnp.arange(T_SMALL, dtype=jnp.float64))) + jnp.sum(c)
 
-    return jax.jit(jax.grad(loss, (0, 1)))(w, jnp.ones(6) * 0.1)
+    return jax.jit(jax.grad(loss, (0, 1)))(w, jnp.full(H_SMALL, 0.1))
 
 
-@pytest.mark.parametrize("budget", ["1MB", 5_000, 2_500])
+def small_budget(fraction, xs_none=False):
+    """``Budget`` at ``fraction`` of plain BPTT's predicted temp for the small problem."""
+    _, xs, step = small_problem(xs_none)
+    plain = bj.Budget("1GB").plan(step, jnp.zeros(H_SMALL), xs, length=T_SMALL)
+    return bj.Budget(int(fraction * plain.temp_bytes))
+
+
+@pytest.mark.parametrize(
+    ("fraction", "kind"),
+    [(2.0, bj.StoreAll), (0.5, bj.EveryStep), (0.15, bj.Binomial)],
+    ids=["StoreAll", "EveryStep", "Binomial"],
+)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(
     "truncation",
     [None, bj.Truncate(every=7), bj.RandomTruncate(jax.random.key(1), keep_prob=0.7)],
     ids=["full", "Truncate", "RandomTruncate"],
 )
-def test_gradient_equals_store_all(budget, reverse, truncation):
-    got = gradient(bj.Budget(budget), reverse, truncation)
+def test_gradient_equals_store_all(fraction, kind, reverse, truncation):
+    budget = small_budget(fraction)
+    _, xs, step = small_problem()
+    assert isinstance(budget.plan(step, jnp.zeros(H_SMALL), xs).strategy, kind)
+    got = gradient(budget, reverse, truncation)
     want = gradient(bj.StoreAll(), reverse, truncation)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-14), got, want)
 
 
 def test_xs_none_and_static_argument():
-    got = gradient(bj.Budget(3_000), xs_none=True)
+    got = gradient(small_budget(0.15, xs_none=True), xs_none=True)
     want = gradient(bj.StoreAll(), xs_none=True)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-12), got, want)
     assert bj.Budget("1MB") == bj.Budget(1_000_000)

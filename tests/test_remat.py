@@ -379,8 +379,12 @@ def test_nested_rejects_bad_arguments():
         bj.Nested(levels=0)
     with pytest.raises(TypeError, match="levels=.*positive int.*float"):
         bj.Nested(levels=2.0)
-    with pytest.raises(ValueError, match="non-empty tuple of positive ints"):
+    with pytest.raises(ValueError, match=r"positive ints, but lengths\[1\] is 0"):
         bj.Nested(lengths=(3, 0))
+    with pytest.raises(TypeError, match=r"lengths\[0\] is float: 2.5"):
+        bj.Nested(lengths=(2.5, 4))
+    with pytest.raises(TypeError, match=r"lengths\[1\] is bool"):
+        bj.Nested(lengths=(2, True))
     with pytest.raises(ValueError, match="non-empty tuple of positive ints"):
         bj.Nested(lengths=())
     with pytest.raises(TypeError, match="lengths=.*tuple of positive ints.*int"):

@@ -23,6 +23,11 @@ STRATEGIES = {
     "Nested2": bj.Nested(levels=2),
     "Nested3": bj.Nested(levels=3),
     "Nested-lengths": bj.Nested(lengths=(12, 3, 2, 4)),
+    "Binomial1": bj.Binomial(1),
+    "Binomial3": bj.Binomial(3),
+    "Binomial20": bj.Binomial(20),
+    # small enough for Binomial at the longer lengths here, StoreAll at the shortest
+    "Budget": bj.Budget(6_000),
 }
 LENGTHS = [1, 2, 13, 257]
 D, H = 3, 4

@@ -345,20 +345,11 @@ def test_random_truncate_first_processed_entry_of_keep_prob_is_unused(reverse):
 
 # --- second derivatives -------------------------------------------------------------------
 
-_BINOMIAL_OUTER_JVP = (
-    "the Binomial engine runs its forward and recomputing passes as plain calls of the "
-    "step, so an outer jvp meets the truncation's tangent rule there and cuts the forward "
-    "tangents too (issue 10, item 14)"
-)
 SECOND_ORDER_REMATS = [
     pytest.param(bj.StoreAll(), id="StoreAll"),
     pytest.param(bj.EveryStep(), id="EveryStep"),
     pytest.param(bj.Nested(levels=2), id="Nested2"),
-    pytest.param(
-        bj.Binomial(3),
-        id="Binomial3",
-        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_BINOMIAL_OUTER_JVP),
-    ),
+    pytest.param(bj.Binomial(3), id="Binomial3"),
 ]
 TRUNCATIONS = {
     "Truncate2": bj.Truncate(2),
