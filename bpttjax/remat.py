@@ -419,9 +419,10 @@ class Binomial(RematStrategy):
     Args:
       snapshots: ``s >= 1``, the carries stored (the first is ``init``).
 
-    Memory: ``s`` carries, plus one step's residuals (the last step's are
-    kept from the forward pass, so it is not recomputed) and one set of
-    parameter-gradient accumulators; ``T`` enters only through ``ys``.
+    Memory: ``s + 1`` carries (the snapshots and the state being advanced),
+    one step's residuals (the last step's are kept from the forward pass, so
+    it is not recomputed) and one set of parameter-gradient accumulators;
+    ``T`` enters only through ``ys``.
     Recomputation: ``r·T − β(s + 1, r − 1)`` steps beyond plain BPTT, about
     ``r`` forward passes.
 
@@ -463,10 +464,12 @@ class Binomial(RematStrategy):
         # 10,000: XLA reuses plain BPTT's fixed buffers for the step residuals
         # and the parameter accumulators, so the temp is the snapshots plus
         # plain's overhead (within 3%), independent of T.
-        # Each snapshot also has its position, an int32; the engine's loop
-        # counters and indices are small buffers that XLA aligns to 64 bytes
-        # (about 2 KiB in all, seen at tiny sizes where nothing else counts).
-        temp = self.snapshots * (costs.carry_bytes + 4) + costs.overhead_bytes + _ENGINE_BYTES
+        # The snapshots, each with its int32 position; the state being
+        # advanced for the next step while the current one is pulled back;
+        # the engine's loop counters and indices, small buffers that XLA
+        # aligns to 64 bytes (about 2 KiB in all, seen at tiny sizes).
+        s, C = self.snapshots, costs.carry_bytes
+        temp = (s + 1) * C + 4 * s + costs.overhead_bytes + _ENGINE_BYTES
         return Cost(temp, self.recomputed_steps(length))
 
     def scan(self, f, init, xs, length, reverse, unroll):

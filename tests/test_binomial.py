@@ -240,8 +240,9 @@ def test_predictions_within_10_percent(cell):
 def test_cost_by_hand():
     costs = bj.remat.StepCosts(carry_bytes=10, residual_bytes=30, overhead_bytes=5)
     cost = bj.Binomial(3).cost(100, costs)
-    # carries and their int32 positions, the overhead, the engine's bookkeeping
-    assert cost.temp_bytes == 3 * (10 + 4) + 5 + bj.remat._ENGINE_BYTES
+    # snapshots and their int32 positions, the state being advanced, the
+    # overhead, the engine's bookkeeping
+    assert cost.temp_bytes == 3 * (10 + 4) + 10 + 5 + bj.remat._ENGINE_BYTES
     assert cost.recomputed_steps == _engine.binomial_advances(100, 3)
     assert bj.Binomial(4).recomputed_steps(1000) == _engine.binomial_advances(1000, 4)
 

@@ -336,7 +336,7 @@ def test_predict_model_by_hand():
     )
     # Binomial: the snapshots (a carry and an int32 position each) and the overhead
     assert bj.memory.predict(bj.Binomial(4), 100, C, R, over) == (
-        4 * (10 + 4) + 5 + bj.remat._ENGINE_BYTES
+        4 * (10 + 4) + 10 + 5 + bj.remat._ENGINE_BYTES
     )
     # T=95 with (10, 10): 9 full blocks and a remainder of 5 steps
     assert (
