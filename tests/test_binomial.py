@@ -132,7 +132,7 @@ def test_counts_through_bj_scan(T, s):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("T", "s"), [(100_000, 20), (31_337, 9)])
+@pytest.mark.parametrize(("T", "s"), [(100_000, 20)])
 def test_counts_at_long_lengths(T, s):
     counter = Counter()
     xs = jnp.arange(T, dtype=jnp.float64)
@@ -167,8 +167,8 @@ def reference_order(T, s):
     return order
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 10, 23, 64])
-@pytest.mark.parametrize("s", [1, 2, 3, 5, 70])
+@pytest.mark.parametrize("T", [1, 2, 10, 64])
+@pytest.mark.parametrize("s", [1, 3, 5, 70])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_evaluation_order_is_the_recursive_schedule(T, s, reverse):
     counter = Counter(ordered=True)  # unordered callbacks may run out of order

@@ -73,7 +73,7 @@ def test_measured_temp_never_exceeds_the_budget(cell, T):
     params, xs, h0 = problem(cell, T)
     step = common.make_step(cell, params)
     chosen = []
-    for fraction in (0.01, 0.02, 0.05, 0.1, 0.3, 0.6, 0.9, 1.2, 2.0):
+    for fraction in (0.01, 0.05, 0.2, 0.6, 1.2, 2.0):
         budget = bj.Budget(int(fraction * plain))
         try:
             plan = budget.plan(step, h0, xs)

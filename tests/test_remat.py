@@ -104,7 +104,7 @@ def test_nested_lengths_matches_store_all(lengths, data, cell):
 PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     cell=st.sampled_from(CELLS),
     T=st.one_of(st.sampled_from([1, 2] + PRIMES), st.integers(1, 60)),

@@ -23,9 +23,8 @@ STRATEGIES = {
     "Nested2": bj.Nested(levels=2),
     "Nested3": bj.Nested(levels=3),
     "Nested-lengths": bj.Nested(lengths=(12, 3, 2, 4)),
-    "Binomial1": bj.Binomial(1),
+    # Binomial(1) and s >= T are covered by test_binomial.py's counts and order
     "Binomial3": bj.Binomial(3),
-    "Binomial20": bj.Binomial(20),
     # small enough for Binomial at the longer lengths here, StoreAll at the shortest
     "Budget": bj.Budget(6_000),
 }
