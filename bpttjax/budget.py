@@ -32,6 +32,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from . import memory
+from ._engine import _split_diff
 from ._scan import _check_length, _checked_step
 from .remat import Binomial, Cost, EveryStep, RematStrategy, StepCosts, StoreAll
 
@@ -265,13 +266,14 @@ def _measured_costs(f: Callable, init: Any, xs: Any, remat: RematStrategy | None
         xs_a = jax.tree.map(lambda a: jax.ShapeDtypeStruct((T, *a.shape), a.dtype), x_a)
 
         def loss(diff, consts, init, xs):
-            consts, init = _with_inexact(diff, (consts, init))
+            _, other, merge = _split_diff((consts, init))
+            consts, init = merge(diff, other)
             step = lambda c, x: closed(c, x, *consts)
             out = remat.scan(step, init, xs, T, False, 1)
-            return sum(jnp.sum(a).astype(jnp.float32) for a in _inexact(out))
+            return sum(jnp.sum(a).astype(jnp.float32) for a in _split_diff(out)[0])
 
         def grad(consts, init, xs):
-            return jax.grad(loss)(_inexact((consts, init)), consts, init, xs)
+            return jax.grad(loss)(_split_diff((consts, init))[0], consts, init, xs)
 
         return grad, (consts_a, init_a, xs_a)
 
@@ -303,15 +305,3 @@ def _hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:
 
     closed.jaxpr = closed_jaxpr.jaxpr
     return closed, consts
-
-
-def _inexact(tree: Any) -> list:
-    return [a for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
-
-
-def _with_inexact(diff: list, tree: Any) -> Any:
-    """``tree`` with its inexact leaves replaced, in order, by ``diff``."""
-    leaves, treedef = jax.tree.flatten(tree)
-    diff = iter(diff)
-    is_inexact = lambda a: jnp.issubdtype(jnp.result_type(a), jnp.inexact)
-    return treedef.unflatten([next(diff) if is_inexact(a) else a for a in leaves])
