@@ -34,7 +34,7 @@ from jax.extend import core as jex_core
 from . import memory
 from ._engine import _split_diff
 from ._scan import _check_length, _checked_step
-from .remat import Binomial, Cost, EveryStep, RematStrategy, StepCosts, StoreAll
+from .remat import Binomial, Cost, EveryStep, RematStrategy, StepCosts, StoreAll, register
 
 __all__ = ["Budget", "Plan", "parse_bytes"]
 
@@ -120,6 +120,7 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3g} MB"
 
 
+@register("budget")
 @dataclasses.dataclass(frozen=True)
 class Budget(RematStrategy):
     """The fastest strategy whose predicted working memory fits ``bytes``.
@@ -167,6 +168,17 @@ class Budget(RematStrategy):
                     f"got {type(p).__name__}: {p!r}"
                 )
         object.__setattr__(self, "policies", tuple(policies))
+
+    @classmethod
+    def from_arg(cls, arg):
+        if arg is None:
+            raise ValueError("budget expects a size, e.g. 'budget:64MB'")
+        return cls(arg)
+
+    @classmethod
+    def examples(cls):
+        # small enough for Binomial at the suite's longer lengths, StoreAll at the shortest
+        return (cls(6_000),)
 
     def plan(self, f: Callable, init: Any, xs: Any = None, length: int | None = None) -> Plan:
         """The strategy this budget runs for ``bj.scan(f, init, xs, length)``, and why.

@@ -40,8 +40,11 @@ as JAX traces them, before XLA's own optimizations.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from collections.abc import Callable
+import re
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -49,6 +52,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 __all__ = [
+    "CELLS",
+    "Cell",
+    "get",
+    "register",
     "rnn",
     "gru",
     "lstm",
@@ -62,8 +69,6 @@ __all__ = [
 
 Params = dict[str, jax.Array]
 Step = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
-
-_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
 def _bias(y: jax.Array, b: jax.Array) -> jax.Array:
@@ -291,28 +296,121 @@ def init_lstm(
     return {"W_x": W_x, "W_h": W_h, "b": b}
 
 
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A recurrent cell as the registry holds it: its step, its parameters, its carry.
+
+    Attributes:
+      name: the registry name (``"rnn"``, ``"gru"``, ``"lstm"``), as the
+        experiment scripts' ``--cell`` options take it.
+      step: ``step(params, carry, x) -> (carry, h)``; the output ``h`` is the
+        new hidden state, shape ``(..., hidden_size)``.
+      init: ``init(key, input_size, hidden_size, dtype=jnp.float32) -> params``.
+      carry_arrays: how many ``(..., hidden_size)`` arrays the carry holds:
+        1 for a bare ``h``, ``k > 1`` for a tuple (the LSTM's ``(h, c)``).
+      gates: blocks of ``hidden_size`` in each projection (1, 3 and 4 for rnn,
+        gru and lstm), for cost estimates.
+
+    Example:
+      >>> cell = bj.cells.get("gru")
+      >>> params = cell.init(jax.random.key(0), 8, 16)
+      >>> carry, h = cell.step(params, cell.initial_carry(16, (4,)), jnp.ones((4, 8)))
+    """
+
+    name: str
+    step: Step
+    init: Callable[..., Params]
+    carry_arrays: int = 1
+    gates: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(
+                f"Cell(name=...) expects a lower-case identifier such as 'gru', got {self.name!r}"
+            )
+        for field in ("step", "init"):
+            if not callable(getattr(self, field)):
+                value = getattr(self, field)
+                raise TypeError(f"Cell({field}=...) expects a callable, got {value!r}")
+        for field in ("carry_arrays", "gates"):
+            _check_size("Cell", field, getattr(self, field))
+
+    def initial_carry(
+        self, hidden_size: int, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32
+    ) -> Any:
+        """Zeros for this cell's carry; arguments as :func:`initial_carry`."""
+        return initial_carry(self, hidden_size, batch_shape, dtype)
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_REGISTRY: dict[str, Cell] = {}
+
+CELLS: Mapping[str, Cell] = types.MappingProxyType(_REGISTRY)
+"""The registered cells by name (read-only): ``rnn``, ``gru``, ``lstm``, then
+any added with :func:`register`. Scripts, tests and ``--cell`` options read it."""
+
+
+def register(cell: Cell) -> Cell:
+    """Add ``cell`` to :data:`CELLS` under ``cell.name``; returns it.
+
+    Raises:
+      TypeError: ``cell`` is not a :class:`Cell`.
+      ValueError: another cell has that name.
+    """
+    if not isinstance(cell, Cell):
+        raise TypeError(f"register(cell=...) expects a bj.cells.Cell, got {type(cell).__name__}")
+    taken = _REGISTRY.get(cell.name)
+    if taken is not None and taken != cell:
+        raise ValueError(f"register: a different cell is already named {cell.name!r}")
+    _REGISTRY[cell.name] = cell
+    return cell
+
+
+def get(name: str | Cell) -> Cell:
+    """The registered :class:`Cell` called ``name`` (a ``Cell`` is returned as is).
+
+    Raises:
+      ValueError: no cell has that name; the message lists those that exist.
+    """
+    if isinstance(name, Cell):
+        return name
+    cell = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cell is None:
+        raise ValueError(f"unknown cell {name!r}; registered cells: {', '.join(_REGISTRY)}")
+    return cell
+
+
+register(Cell("rnn", rnn, init_rnn, carry_arrays=1, gates=1))
+register(Cell("gru", gru, init_gru, carry_arrays=1, gates=3))
+register(Cell("lstm", lstm, init_lstm, carry_arrays=2, gates=4))
+
+
 def initial_carry(
-    kind: str, hidden_size: int, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Zero initial carry for :func:`rnn`, :func:`gru` or :func:`lstm`.
+    kind: str | Cell, hidden_size: int, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32
+) -> Any:
+    """Zero initial carry for a registered cell (:func:`rnn`, :func:`gru`, :func:`lstm`...).
 
     Args:
-      kind: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+      kind: a name in :data:`CELLS` (``"rnn"``, ``"gru"``, ``"lstm"``) or a
+        :class:`Cell`.
       hidden_size: ``H``, a positive int.
       batch_shape: leading batch dimensions, a tuple of non-negative ints.
       dtype: a floating dtype; it must match the parameters' dtype.
 
     Returns:
-      zeros of shape ``(*batch_shape, H)``; for ``"lstm"`` a pair ``(h, c)`` of
-      them.
+      zeros of shape ``(*batch_shape, H)``; for a cell with ``carry_arrays =
+      k > 1`` (``"lstm"``: ``(h, c)``) a tuple of ``k`` of them.
 
     Raises:
       ValueError: unknown ``kind``, or a non-positive ``hidden_size``.
       TypeError: ``hidden_size`` or ``batch_shape`` has the wrong type, or
         ``dtype`` is not floating.
     """
-    if kind not in _GATES:
-        raise ValueError(f"initial_carry(kind=...) expects one of {sorted(_GATES)}, got {kind!r}")
+    if not isinstance(kind, Cell) and kind not in _REGISTRY:
+        raise ValueError(
+            f"initial_carry(kind=...) expects one of {sorted(_REGISTRY)}, got {kind!r}"
+        )
+    cell = get(kind)
     H = _check_size("initial_carry", "hidden_size", hidden_size)
     dt = _check_dtype("initial_carry", dtype)
     if isinstance(batch_shape, numbers.Integral) and not isinstance(batch_shape, bool):
@@ -325,9 +423,9 @@ def initial_carry(
             f"got {batch_shape!r}"
         )
     shape = (*(int(n) for n in batch_shape), H)
-    if kind == "lstm":
-        return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
-    return jnp.zeros(shape, dt)
+    if cell.carry_arrays == 1:
+        return jnp.zeros(shape, dt)
+    return tuple(jnp.zeros(shape, dt) for _ in range(cell.carry_arrays))
 
 
 def from_nnx(cell: Any) -> tuple[Step, Any]:

@@ -19,14 +19,18 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any
+import re
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from . import _engine
+from . import _engine, _pytree
+
+_S = TypeVar("_S", bound="RematStrategy")
 
 __all__ = [
     "Binomial",
@@ -34,8 +38,12 @@ __all__ = [
     "EveryStep",
     "Nested",
     "RematStrategy",
+    "STRATEGIES",
     "StepCosts",
     "StoreAll",
+    "examples",
+    "from_string",
+    "register",
 ]
 
 
@@ -84,7 +92,40 @@ class RematStrategy(abc.ABC):
 
     ``bpttjax.scan`` validates its arguments, then calls ``remat.scan``; a new
     strategy is one class, and nothing else in bpttjax needs to know it.
+    Decorated with :func:`register`, it also gets a name that the experiment
+    scripts' ``--remat`` options accept and joins the shared test suite
+    through :meth:`examples`.
+
+    Every subclass is a pytree (its array fields are leaves, the rest static),
+    so a strategy can be an ordinary argument of a ``jax.jit``-ed function.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _pytree.register(cls)
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> RematStrategy:
+        """The strategy named by the text after the colon in :func:`from_string`.
+
+        The default takes no argument (``cls()``) or one int (``cls(int(arg))``);
+        override it for other arguments.
+        """
+        if arg is None:
+            return cls()
+        try:
+            value = int(arg.replace("_", ""))
+        except ValueError:
+            raise ValueError(
+                f"{cls.__name__} expects an int argument (e.g. '{cls.__name__.lower()}:4'), "
+                f"got {arg!r}"
+            ) from None
+        return cls(value)
+
+    @classmethod
+    def examples(cls) -> tuple[RematStrategy, ...]:
+        """Small instances that the shared test suite runs (default: ``cls()``)."""
+        return (cls(),)
 
     @abc.abstractmethod
     def scan(
@@ -107,6 +148,85 @@ class RematStrategy(abc.ABC):
         """Predicted temp bytes and recomputed steps for ``length`` steps."""
 
 
+_REGISTRY: dict[str, type[RematStrategy]] = {}
+
+STRATEGIES: Mapping[str, type[RematStrategy]] = types.MappingProxyType(_REGISTRY)
+"""The registered strategy classes by name, in registration order (read-only).
+
+``store_all``, ``every_step``, ``nested``, ``binomial`` and ``budget``, then
+any added with :func:`register`. Scripts, tests and ``--remat`` options all
+read this one mapping.
+"""
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register(name: str) -> Callable[[type[_S]], type[_S]]:
+    """Class decorator: add a :class:`RematStrategy` subclass to :data:`STRATEGIES`.
+
+    Args:
+      name: lower-case identifier (``[a-z][a-z0-9_]*``), as written in
+        :func:`from_string` and the scripts' ``--remat`` options.
+
+    Raises:
+      ValueError: ``name`` is malformed or taken by another class.
+      TypeError: the decorated object is not a ``RematStrategy`` subclass.
+
+    Example:
+      >>> @bj.remat.register("every_other")
+      ... @dataclasses.dataclass(frozen=True)
+      ... class EveryOther(bj.RematStrategy): ...
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"register(name=...) expects a lower-case identifier such as 'binomial', got {name!r}"
+        )
+
+    def decorate(cls: type[_S]) -> type[_S]:
+        if not (isinstance(cls, type) and issubclass(cls, RematStrategy)):
+            raise TypeError(f"register({name!r}) decorates a RematStrategy subclass, got {cls!r}")
+        taken = _REGISTRY.get(name)
+        if taken is not None and taken.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"register({name!r}): the name is taken by {taken.__qualname__}; "
+                f"registered names: {sorted(_REGISTRY)}"
+            )
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def from_string(spec: str) -> RematStrategy:
+    """The strategy a short text names: ``"name"`` or ``"name:argument"``.
+
+    ``"store_all"``, ``"every_step"``, ``"every_step:dots_saveable"`` (any
+    ``jax.checkpoint_policies`` name), ``"nested:3"``, ``"nested:10x10"``
+    (level lengths), ``"binomial:14"``, ``"budget:64MB"``, and whatever
+    :func:`register` added. This is what the experiment scripts' ``--remat``
+    options accept.
+
+    Raises:
+      ValueError: unknown name (the message lists the registered ones) or a
+        bad argument.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"from_string(spec=...) expects a str, got {type(spec).__name__}")
+    name, colon, arg = spec.strip().partition(":")
+    cls = _REGISTRY.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(
+            f"unknown remat strategy {name!r} in {spec!r}; registered: {', '.join(_REGISTRY)}"
+        )
+    return cls.from_arg(arg.strip() if colon else None)
+
+
+def examples() -> tuple[RematStrategy, ...]:
+    """Every registered strategy's :meth:`~RematStrategy.examples`, in registry order."""
+    return tuple(e for cls in _REGISTRY.values() for e in cls.examples())
+
+
+@register("store_all")
 @dataclasses.dataclass(frozen=True)
 class StoreAll(RematStrategy):
     """Store every residual of every step: exactly ``jax.lax.scan``.
@@ -122,6 +242,7 @@ class StoreAll(RematStrategy):
         return Cost(length * costs.residual_bytes + costs.overhead_bytes, 0)
 
 
+@register("every_step")
 @dataclasses.dataclass(frozen=True)
 class EveryStep(RematStrategy):
     """Checkpoint every step: store only the carries, recompute each step.
@@ -151,6 +272,22 @@ class EveryStep(RematStrategy):
                 "EveryStep(policy=...) expects None or a jax.checkpoint_policies value "
                 f"(a callable), got {type(self.policy).__name__}: {self.policy!r}"
             )
+
+    @classmethod
+    def from_arg(cls, arg):
+        if arg is None:
+            return cls()
+        policy = getattr(jax.checkpoint_policies, arg, None)
+        if not callable(policy) or arg.startswith("_"):
+            raise ValueError(
+                f"every_step:{arg}: expects the name of a jax.checkpoint_policies value "
+                "such as 'dots_saveable'"
+            )
+        return cls(policy)
+
+    @classmethod
+    def examples(cls):
+        return (cls(), cls(jax.checkpoint_policies.dots_saveable))
 
     def cost(self, length, costs):
         # What a policy saves is not in StepCosts; this is the policy=None figure.
@@ -271,6 +408,7 @@ def _nested_scan(f, carry, xs, start, n, lengths, reverse, unroll):
     return carry, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *parts)
 
 
+@register("nested")
 @dataclasses.dataclass(frozen=True)
 class Nested(RematStrategy):
     """Nested checkpointing: ``levels`` scans inside each other, each checkpointed.
@@ -337,6 +475,22 @@ class Nested(RematStrategy):
         elif self.levels < 1:
             raise ValueError(f"Nested(levels=...) expects levels >= 1, got levels={self.levels}")
 
+    @classmethod
+    def from_arg(cls, arg):
+        if arg is not None and "x" in arg:
+            try:
+                return cls(lengths=tuple(int(n) for n in arg.split("x")))
+            except ValueError:
+                raise ValueError(
+                    f"nested:{arg}: expects levels ('nested:3') or level lengths "
+                    "separated by 'x' ('nested:10x10')"
+                ) from None
+        return super().from_arg(arg)
+
+    @classmethod
+    def examples(cls):
+        return (cls(2), cls(3), cls(lengths=(12, 3, 2, 4)))
+
     def level_lengths(self, length: int, ratio: float = 1.0) -> tuple[int, ...]:
         """The level lengths, outermost first, used for a sequence of ``length`` steps.
 
@@ -396,6 +550,7 @@ def _nested_peak(n: int, lengths: tuple[int, ...], C: int, R: int) -> tuple[int,
 _ENGINE_BYTES = 2048
 
 
+@register("binomial")
 @dataclasses.dataclass(frozen=True)
 class Binomial(RematStrategy):
     """Griewank and Walther's binomial checkpointing ("revolve"): optimal for its memory.
@@ -454,6 +609,11 @@ class Binomial(RematStrategy):
                 f"Binomial(snapshots=...) expects snapshots >= 1 (the first holds init), got {s}"
             )
         object.__setattr__(self, "snapshots", int(s))
+
+    @classmethod
+    def examples(cls):
+        # Binomial(1) and s >= T are covered by test_binomial.py's counts and order
+        return (cls(3),)
 
     def recomputed_steps(self, length: int) -> int:
         """Step evaluations beyond plain BPTT's ``T``: the revolve optimum."""

@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _pytree
+
 __all__ = ["TruncationStrategy", "Truncate", "RandomTruncate"]
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -66,6 +68,12 @@ class TruncationStrategy(abc.ABC):
     traced scan body with ``n`` an int32 counter; ``_check(length)`` is called
     once at the public boundary.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a pytree: RandomTruncate's key is a leaf, so a jitted function that
+        # takes the strategy as an argument does not retrace for a new key
+        _pytree.register(cls)
 
     def _check(self, length: int) -> None:
         if length > _INT32_MAX:
@@ -206,6 +214,27 @@ class RandomTruncate(TruncationStrategy):
                     "RandomTruncate(keep_prob=...) expects probabilities in (0, 1], got "
                     f"{arr[bad].ravel()[:5].tolist()}{hint}"
                 )
+
+    def _value(self) -> tuple | None:
+        """The key's bits and ``keep_prob``, or None while either is traced."""
+        if isinstance(self.key, jax.core.Tracer) or isinstance(self.keep_prob, jax.core.Tracer):
+            return None
+        key = self.key
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        key, p = np.asarray(key), np.asarray(self.keep_prob)
+        return (str(self.key.dtype), key.tobytes(), p.shape, str(p.dtype), p.tobytes())
+
+    # By value, so that equal strategies hit jit's cache as static arguments.
+    def __eq__(self, other):
+        if not isinstance(other, RandomTruncate):
+            return NotImplemented
+        a, b = self._value(), other._value()
+        return self is other if a is None or b is None else a == b
+
+    def __hash__(self):
+        value = self._value()
+        return id(self) if value is None else hash(value)
 
     def _check(self, length):
         super()._check(length)

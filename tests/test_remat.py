@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CELLS, assert_trees_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ import bpttjax as bj
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import common  # noqa: E402
 
-CELLS = ("rnn", "gru", "lstm")
 POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "save_hidden_projection": jax.checkpoint_policies.save_only_these_names("hidden_projection"),
@@ -30,16 +30,6 @@ POLICIES = {
         offload_dst="pinned_host",
     ),
 }
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def assert_trees_close(got, want, tol=1e-12):
-    errs = jax.tree.leaves(jax.tree.map(rel_err, got, want))
-    assert max(errs) < tol, errs
 
 
 def cell_problem(cell, T, batch, hidden, input_size=3, seed=0):

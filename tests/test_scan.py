@@ -13,33 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import STRATEGIES, rel_err, tree_rel_err
 
 import bpttjax as bj
 
-STRATEGIES = {
-    "StoreAll": bj.StoreAll(),
-    "EveryStep": bj.EveryStep(),
-    "EveryStep-dots": bj.EveryStep(policy=jax.checkpoint_policies.dots_saveable),
-    "Nested2": bj.Nested(levels=2),
-    "Nested3": bj.Nested(levels=3),
-    "Nested-lengths": bj.Nested(lengths=(12, 3, 2, 4)),
-    # Binomial(1) and s >= T are covered by test_binomial.py's counts and order
-    "Binomial3": bj.Binomial(3),
-    # small enough for Binomial at the longer lengths here, StoreAll at the shortest
-    "Budget": bj.Budget(6_000),
-}
 LENGTHS = [1, 2, 13, 257]
 D, H = 3, 4
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def tree_rel_err(a, b):
-    errs = jax.tree.leaves(jax.tree.map(rel_err, a, b))
-    return max(errs) if errs else 0.0
 
 
 def make_params(seed=0, scale=0.9):

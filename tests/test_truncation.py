@@ -7,20 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import rel_err, tree_rel_err
 
 import bpttjax as bj
 
 D, H = 3, 4
 REMATS = {"StoreAll": bj.StoreAll(), "EveryStep": bj.EveryStep()}
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def tree_rel_err(a, b):
-    return max(jax.tree.leaves(jax.tree.map(rel_err, a, b)))
 
 
 def make_params(seed=0, radius=0.95):
