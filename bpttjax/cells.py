@@ -118,7 +118,8 @@ def rnn(params: Params, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Arra
       >>> h0 = initial_carry("rnn", 16, batch_shape=(4,))
       >>> h_T, hs = bj.scan(functools.partial(rnn, params), h0, xs)  # xs: (T, 4, 8)
 
-    Reference: d2l.ai, section 9.4.
+    Reference: d2l.ai, section 9.4,
+    https://d2l.ai/chapter_recurrent-neural-networks/rnn.html
     """
     xw, hw = _project("rnn", x, h, params["W_xh"], params["W_hh"], params["b_h"])
     h_new = jnp.tanh(xw + hw)
@@ -135,7 +136,8 @@ def gru(params: Params, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Arra
 
     The reset gate multiplies the *projected* hidden state, so all three
     hidden projections come from one matmul ``h @ W_h`` that does not wait for
-    ``r``. d2l (section 10.2) applies the reset gate before the matmul,
+    ``r``. d2l (section 10.2, https://d2l.ai/chapter_recurrent-modern/gru.html)
+    applies the reset gate before the matmul,
     ``n = tanh(W_xh x + W_hh (r * h) + b_h)``: a different model with the same
     parameter shapes, whose candidate needs a second, sequential matmul.
 
@@ -200,7 +202,9 @@ def lstm(
       >>> carry0 = initial_carry("lstm", 16, batch_shape=(4,))  # (h, c)
       >>> (h_T, c_T), hs = bj.scan(functools.partial(lstm, params), carry0, xs)
 
-    Reference: Hochreiter & Schmidhuber (1997); d2l.ai, section 10.1.
+    Reference: Hochreiter & Schmidhuber (1997),
+    https://doi.org/10.1162/neco.1997.9.8.1735; d2l.ai, section 10.1,
+    https://d2l.ai/chapter_recurrent-modern/lstm.html
     """
     if not isinstance(carry, tuple | list) or len(carry) != 2:
         raise TypeError(f"lstm: carry must be a pair (h, c), got {type(carry).__name__}")

@@ -1,6 +1,7 @@
 """Gradient diagnostics: per-step carry gradients, their norms, Jacobian spectra.
 
-Section 9.7 of "Dive into Deep Learning" (Zhang, Lipton, Li & Smola) shows why
+Section 9.7 of "Dive into Deep Learning" (Zhang, Lipton, Li & Smola,
+https://d2l.ai/chapter_recurrent-neural-networks/bptt.html) shows why
 recurrent gradients vanish or explode: for the linear RNN
 ``h_t = W_hx x_t + W_hh h_{t-1}`` the gradient reaching ``h_t`` from the loss
 at step ``j`` is multiplied by ``(W_hhᵀ)^(j-t)`` (d2l eq. 9.7.15), so it

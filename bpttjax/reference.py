@@ -1,6 +1,7 @@
 """d2l's explicit BPTT formulas for the linear RNN, in NumPy float64.
 
-Section 9.7.2 of "Dive into Deep Learning" (Zhang, Lipton, Li & Smola) works
+Section 9.7.2 of "Dive into Deep Learning" (Zhang, Lipton, Li & Smola,
+https://d2l.ai/chapter_recurrent-neural-networks/bptt.html) works
 out backpropagation through time by hand for the simplest recurrent model: no
 biases and the identity as activation,
 

@@ -418,7 +418,7 @@ class Nested(RematStrategy):
     backward pass recomputes one block at a time, storing the residuals of
     only the innermost sub-block being differentiated. ``levels=2`` is the
     classic √T scheme (Chen et al., 2016, "Training deep nets with sublinear
-    memory cost").
+    memory cost", https://arxiv.org/abs/1604.06174).
 
     Args:
       levels: number of levels ``L >= 1``; the level lengths are then chosen

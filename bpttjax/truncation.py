@@ -1,7 +1,8 @@
 """Truncation strategies: how far back the carry's gradient is propagated.
 
-Section 9.7 of "Dive into Deep Learning" compares three ways to compute the
-gradient of a recurrent model:
+Section 9.7 of "Dive into Deep Learning"
+(https://d2l.ai/chapter_recurrent-neural-networks/bptt.html) compares three
+ways to compute the gradient of a recurrent model:
 
 * full BPTT (``truncation=None``): the exact gradient, a product of up to
   ``T`` Jacobians ``∂h_t/∂h_{t-1}`` that may vanish or explode;
@@ -108,6 +109,10 @@ class Truncate(TruncationStrategy):
     truncated gradient map, not of a ``stop_gradient`` formulation; see
     :mod:`bpttjax.truncation`.
 
+    References:
+      d2l.ai, section 9.7.1, regular truncation:
+      https://d2l.ai/chapter_recurrent-neural-networks/bptt.html
+
     Example:
       >>> carry, ys = bj.scan(step, h0, xs, truncation=bj.Truncate(every=35))
     """
@@ -174,6 +179,13 @@ class RandomTruncate(TruncationStrategy):
     Warning:
       ``keep_prob`` is checked to lie in ``(0, 1]`` only when it is concrete;
       a traced ``keep_prob`` is used as given.
+
+    References:
+      d2l.ai, section 9.7.1.3, randomized truncation:
+      https://d2l.ai/chapter_recurrent-neural-networks/bptt.html
+
+      C. Tallec and Y. Ollivier, "Unbiasing truncated backpropagation through
+      time", 2017: https://arxiv.org/abs/1705.08209
 
     Example:
       >>> tr = bj.RandomTruncate(jax.random.key(0), keep_prob=0.9)
