@@ -339,7 +339,7 @@ def test_predict_model_by_hand():
 
 @dataclasses.dataclass(frozen=True)
 class EveryOther(bj.RematStrategy):
-    """The README's example of a user-written strategy."""
+    """The user-written strategy of docs/writing_a_strategy.md: the same scan and cost."""
 
     def scan(self, f, init, xs, length, reverse, unroll):
         return bj.Nested(lengths=(-(-length // 2), 2)).scan(f, init, xs, length, reverse, unroll)
