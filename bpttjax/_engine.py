@@ -218,6 +218,7 @@ def binomial_scan(
     reverse: bool = False,
     unroll: int | bool = 1,
     steps: jax.Array | None = None,
+    overlap: bool = True,
 ) -> tuple[Any, Any]:
     """``lax.scan(f, init, xs, length)`` whose gradient follows the binomial schedule.
 
@@ -225,6 +226,9 @@ def binomial_scan(
       f, init, xs, length, reverse, unroll: as ``jax.lax.scan`` (already
         validated; ``length >= 1``). ``unroll`` applies to the forward pass.
       snapshots: ``s >= 1`` stored carries, the first holding ``init``.
+      overlap: let the backward pass recompute the next state while it pulls
+        back the current step (two independent computations that XLA may run
+        side by side), or run them one after the other.
       steps: for tests only, a traced number of steps ``<= length`` to run
         (one compiled program for many lengths); ``ys`` past it are zeros.
 
@@ -234,7 +238,7 @@ def binomial_scan(
     x0 = None if xs is None else _index(xs, jnp.zeros((), _I32))
     closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
     n = jnp.asarray(length if steps is None else steps, _I32)
-    spec = (length, snapshots, bool(reverse), unroll, steps is None)
+    spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap))
     try:
         return _scan(spec, closed, list(consts), init, xs, n)
     except TypeError as err:
@@ -272,7 +276,7 @@ def _refuse_second_order(bwd: Callable) -> Callable:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _scan(spec, closed, consts, init, xs, n):
-    length, _, reverse, unroll, static = spec
+    length, _, reverse, unroll, static, _ = spec
     if static:
         return jax.lax.scan(
             lambda c, x: closed(c, x, *consts),
@@ -291,7 +295,7 @@ def _step_index(n, reverse):
 
 def _forward(spec, closed, consts, init, xs, n):
     """Run steps ``0 .. n−2`` storing the first sweep's snapshots, then the VJP of the last."""
-    length, snapshots, reverse, unroll, static = spec
+    length, snapshots, reverse, unroll, static, _ = spec
     idx = _step_index(n, reverse)
     x_at = lambda t: None if xs is None else _index(xs, idx(t))
     _, y_shape = jax.eval_shape(closed, init, x_at(0), *consts)
@@ -361,7 +365,7 @@ def _scan_fwd(spec, closed, consts, init, xs, n):
 
 
 def _scan_bwd(spec, closed, residuals, cotangents):
-    length, snapshots, reverse, _, _ = spec
+    length, snapshots, reverse, _, _, overlap = spec
     consts, init, xs, n, (buf, pos, k, last_vjp) = residuals
     ct_carry, ct_ys = cotangents
     ct_ys = _split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
@@ -393,10 +397,11 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         return k, buf, pos, state
 
     def reverse_one(loop):
-        """Reverse step ``e − 1``, and meanwhile get the state for step ``e − 2``.
+        """Reverse step ``e − 1``, then get the state for step ``e − 2``.
 
-        The two are independent, so XLA may run the recomputation alongside
-        the pullback's products (software pipelining across iterations).
+        The two are independent. With ``overlap``, XLA may run the
+        recomputation alongside the pullback's products (software pipelining
+        across iterations); without, a barrier orders them.
         """
         e, k, buf, pos, state, g_consts, g_carry, xs_bar = loop
         e = e - 1
@@ -406,6 +411,8 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         if xs_bar is not None:
             xs_bar = _store(xs_bar, idx(e), g_x)
         k = jnp.where((pos[k] == e) & (k > 0), k - 1, k)
+        if not overlap:
+            g_consts, g_carry, buf = jax.lax.optimization_barrier((g_consts, g_carry, buf))
         k, buf, pos, state = restore_and_advance(e, k, buf, pos)
         return e, k, buf, pos, state, g_consts, g_carry, xs_bar
 

@@ -573,6 +573,12 @@ class Binomial(RematStrategy):
 
     Args:
       snapshots: ``s >= 1``, the carries stored (the first is ``init``).
+      overlap: in the backward pass, recompute the next state while pulling
+        back the current step, so that XLA may run the two side by side
+        (default), or one after the other. It changes time only, never
+        values, the schedule or the memory. Overlapping pays on a CPU when
+        one step's matrix products are too small to keep every thread busy,
+        and can cost a little when they are large.
 
     Memory: ``s + 1`` carries (the snapshots and the state being advanced),
     one step's residuals (the last step's are kept from the forward pass, so
@@ -597,8 +603,14 @@ class Binomial(RematStrategy):
     """
 
     snapshots: int
+    overlap: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.overlap, bool):
+            raise TypeError(
+                "Binomial(overlap=...) expects True or False, got "
+                f"{type(self.overlap).__name__}: {self.overlap!r}"
+            )
         s = self.snapshots
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(
@@ -639,4 +651,6 @@ class Binomial(RematStrategy):
             raise ValueError(
                 f"Binomial supports sequences of up to 2**30 steps, got length {length}"
             )
-        return _engine.binomial_scan(f, init, xs, length, self.snapshots, reverse, unroll)
+        return _engine.binomial_scan(
+            f, init, xs, length, self.snapshots, reverse, unroll, overlap=self.overlap
+        )

@@ -7,19 +7,16 @@ Gradients of ``bj.Binomial`` against plain BPTT run in the shared suites
 import functools
 import math
 import random
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CELLS, assert_trees_close
 
 import bpttjax as bj
 from bpttjax import _engine
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import common  # noqa: E402
+from experiments import common
 
 # --- the schedule: an independent dynamic program -------------------------------------------
 
@@ -218,7 +215,7 @@ def test_program_does_not_grow_with_length():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", common.CELLS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_predictions_within_10_percent(cell):
     B, D, H = 32, 64, 256
 
@@ -330,3 +327,26 @@ def test_strategy_is_a_static_value():
     f = jax.jit(simple_loss, static_argnums=1)
     np.testing.assert_allclose(f(0.3, bj.Binomial(3)), simple_loss(0.3, bj.StoreAll()))
     assert math.isfinite(float(f(0.3, bj.Binomial(5))))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_overlap_changes_neither_values_nor_counts(cell):
+    """``overlap`` only orders the backward pass's work; gradients and counts are equal."""
+    params = common.init_model(jax.random.key(0), cell, 3, 5, jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (41, 2, 3), jnp.float64)
+    grads = {
+        overlap: jax.grad(functools.partial(common.loss, cell=cell, remat=bj.Binomial(4, overlap)))(
+            params, xs
+        )
+        for overlap in (True, False)
+    }
+    want = jax.grad(functools.partial(common.loss, cell=cell))(params, xs)
+    for got in grads.values():
+        assert_trees_close(got, want)
+    counter, t = Counter(), jnp.arange(41, dtype=jnp.float64)
+    for overlap in (True, False):
+        remat = bj.Binomial(4, overlap=overlap)
+        grad = jax.jit(jax.grad(lambda h, r=remat: bj.scan(counter.step, h, t, remat=r)[0]))
+        assert counter.run(grad, 1.0) == _engine.binomial_steps(41, 4)
+    with pytest.raises(TypeError, match=r"overlap=.*True or False.*int"):
+        bj.Binomial(4, overlap=1)
