@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import STRATEGIES, rel_err, tree_rel_err
+from helpers import STRATEGIES, assert_trees_equal, rel_err, tree_rel_err
 
 import bpttjax as bj
 
@@ -69,9 +69,7 @@ def test_forward_and_grad_match_lax_scan(name, T, reverse):
     ref = functools.partial(plain, reverse=reverse)
 
     f = functools.partial(pytree_step, params)
-    out, ref_out = ours(f, init, xs), ref(f, init, xs)
-    chex_equal = jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), out, ref_out)
-    del chex_equal
+    assert_trees_equal(ours(f, init, xs), ref(f, init, xs))
 
     g = jax.jit(jax.grad(functools.partial(pytree_loss, ours), argnums=(0, 1, 2), allow_int=True))
     g_ref = jax.grad(functools.partial(pytree_loss, ref), argnums=(0, 1, 2), allow_int=True)
