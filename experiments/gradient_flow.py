@@ -19,8 +19,6 @@ Writes ``gradient_flow.csv``, ``power_iteration.csv`` and
 
 from __future__ import annotations
 
-import argparse
-import csv
 import os
 
 import jax
@@ -32,12 +30,14 @@ import numpy as np  # noqa: E402
 
 import bpttjax as bj  # noqa: E402
 
-try:
-    from experiments.common import parse_with_quick, progress, save_figure, write_csv
-except ImportError:  # run as a script: experiments/ is on sys.path
-    from common import parse_with_quick, progress, save_figure, write_csv
+try:  # python -m experiments.gradient_flow, or experiments/ is importable
+    from experiments import common
+except ImportError:  # python experiments/gradient_flow.py
+    import common
 
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
+KINDS = ("linear", "tanh")
+QUICK = {"length": 40, "hidden": 8, "power_steps": 30}
 
 
 def orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def grad_norms(kind: str, rho: float, T: int, hidden: int, seed: int = 0) -> np.
     w_hx = jnp.asarray(rng.standard_normal((hidden, 4)) / 2.0)
     xs = jnp.asarray(rng.standard_normal((T, 4)))
     c = jnp.asarray(rng.standard_normal(hidden))
-    act = (lambda z: z) if kind == "linear" else jnp.tanh
+    act = {"linear": lambda z: z, "tanh": jnp.tanh}[kind]
 
     def step(h, x):
         h = act(w_hx @ x + w_hh @ h)
@@ -87,81 +87,34 @@ def power_iteration_cosines(n: int, steps: int, seed: int = 0) -> np.ndarray:
     return np.asarray(out)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=100)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--power-steps", type=int, default=400)
-    parser.add_argument("--quick", action="store_true", help="T=40, hidden 8: seconds")
-    parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
-    parser.add_argument("--out", default="results")
-    args = parse_with_quick(parser, argv, {"length": 40, "hidden": 8, "power_steps": 30})
-    for name in ("length", "hidden", "power_steps"):
-        if getattr(args, name) < 2:
-            parser.error(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
-    if args.backend:
-        jax.config.update("jax_platforms", args.backend)
-
+def measure(T: int, hidden: int) -> tuple[list[common.FlowRow], dict]:
     rows, curves = [], {}
-    jobs = [(kind, rho) for kind in ("linear", "tanh") for rho in RHOS]
-    for kind, rho in progress(jobs, total=len(jobs), desc="gradient flow"):
-        norms = grad_norms(kind, rho, args.length, args.hidden)
-        curves[(kind, rho)] = norms
-        rate = fit_rate(norms)
+    jobs = [(kind, rho) for kind in KINDS for rho in RHOS]
+    for kind, rho in common.progress(jobs, total=len(jobs), desc="gradient flow"):
+        norms = curves[(kind, rho)] = grad_norms(kind, rho, T, hidden)
         rows.append(
-            {
-                "rnn": kind,
-                "rho": rho,
-                "T": args.length,
-                "hidden": args.hidden,
-                "fitted_log_rate": rate,
-                "log_rho": float(np.log(rho)),
-                "norm_at_T": float(norms[-1]),
-                "norm_at_0": float(norms[0]),
-            }
+            common.FlowRow(
+                rnn=kind,
+                rho=rho,
+                T=T,
+                hidden=hidden,
+                fitted_log_rate=fit_rate(norms),
+                log_rho=float(np.log(rho)),
+                norm_at_T=float(norms[-1]),
+                norm_at_0=float(norms[0]),
+            )  # fmt: skip
         )
-    cosines = power_iteration_cosines(args.hidden, args.power_steps)
-
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "gradient_flow.csv"), rows)
-    with open(os.path.join(args.out, "power_iteration.csv"), "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["k", "abs_cosine_to_leading_eigenvector"])
-        writer.writerows(enumerate(cosines.tolist()))
-    png = plot(curves, cosines, args, os.path.join(args.out, "gradient_flow.png"))
-
-    print(f"‖∂L_T/∂h_t‖ decay per step, T={args.length}, hidden={args.hidden} (float64)")
-    print(f"{'rnn':<8}{'rho':>6}{'fitted':>12}{'log rho':>12}{'|dL/dh_0|':>12}")
-    for r in rows:
-        print(
-            f"{r['rnn']:<8}{r['rho']:>6}{r['fitted_log_rate']:>12.6f}{r['log_rho']:>12.6f}"
-            f"{r['norm_at_0']:>12.3e}"
-        )
-    print(
-        f"power iteration: |cos| = {cosines[0]:.3f} at k=0, "
-        f"{cosines[-1]:.6f} at k={len(cosines) - 1}"
-    )
-    print(f"wrote {args.out}/gradient_flow.csv, power_iteration.csv, {png}")
-    return {"rows": rows, "cosines": cosines}
+    return rows, curves
 
 
-def plot(curves, cosines, args, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(curves, cosines, T: int, hidden: int, path: str) -> str:
+    plt = common.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = dict(zip(RHOS, plt.cm.viridis(np.linspace(0, 0.9, len(RHOS))), strict=True))
     for (kind, rho), norms in curves.items():
         distance = np.arange(len(norms))[::-1]
-        ax1.semilogy(
-            distance,
-            norms,
-            "-" if kind == "linear" else "--",
-            color=colors[rho],
-            label=f"{kind}, ρ={rho}",
-        )
+        style = "-" if kind == "linear" else "--"
+        ax1.semilogy(distance, norms, style, color=colors[rho], label=f"{kind}, ρ={rho}")
     ax1.set_xlabel("T − t (steps back from the loss)")
     ax1.set_ylabel("‖∂L_T/∂h_t‖")
     ax1.set_title("gradient norm through powers of W_hh = ρ·Q")
@@ -173,8 +126,38 @@ def plot(curves, cosines, args, path):
     ax2.set_title("d2l exercise: M^k x aligns with the leading eigenvector")
     ax2.set_ylim(0, 1.05)
     ax2.grid(True, alpha=0.3)
-    fig.suptitle(f"T={args.length}, hidden={args.hidden}, float64, {jax.default_backend()}")
-    return save_figure(fig, path)
+    fig.suptitle(f"T={T}, hidden={hidden}, float64, {jax.default_backend()}")
+    return common.save_figure(fig, path)
+
+
+def main(argv=None) -> None:
+    p = common.parser(__doc__, quick="T=40, hidden 8: seconds")
+    p.add_argument("--length", type=common.int_at_least(2), default=100)
+    p.add_argument("--hidden", type=common.int_at_least(2), default=32)
+    p.add_argument("--power-steps", type=common.int_at_least(2), default=400)
+    args = common.parse(p, argv, QUICK)
+    rows, curves = measure(args.length, args.hidden)
+    cosines = power_iteration_cosines(args.hidden, args.power_steps)
+
+    os.makedirs(args.out, exist_ok=True)
+    common.Table(os.path.join(args.out, "gradient_flow.csv"), common.FlowRow).write(rows)
+    powers = [common.PowerRow(k, c) for k, c in enumerate(cosines.tolist())]
+    common.Table(os.path.join(args.out, "power_iteration.csv"), common.PowerRow).write(powers)
+    png = plot(
+        curves, cosines, args.length, args.hidden, os.path.join(args.out, "gradient_flow.png")
+    )
+
+    print(f"‖∂L_T/∂h_t‖ decay per step, T={args.length}, hidden={args.hidden} (float64)")
+    print(f"{'rnn':<8}{'rho':>6}{'fitted':>12}{'log rho':>12}{'|dL/dh_0|':>12}")
+    for r in rows:
+        print(
+            f"{r.rnn:<8}{r.rho:>6}{r.fitted_log_rate:>12.6f}{r.log_rho:>12.6f}{r.norm_at_0:>12.3e}"
+        )
+    print(
+        f"power iteration: |cos| = {cosines[0]:.3f} at k=0, "
+        f"{cosines[-1]:.6f} at k={len(cosines) - 1}"
+    )
+    print(f"wrote {args.out}/gradient_flow.csv, power_iteration.csv, {png}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ model and argues that regular truncation is biased (it ignores dependencies
 longer than ``k`` steps) but has low variance, while randomized truncation
 (the ``ξ_t`` estimator) is unbiased but noisy, so that in practice it is no
 better than regular truncation. This script measures both claims on the
-character language model of ``char_lm.py``:
+character language model of ``char_lm.py`` (``common.CharModel``):
 
 (a) At one fixed parameter point (the model after ``--pretrain-steps`` steps
     of full-BPTT training) and one fixed minibatch of ``--length``
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import os
 import time
 
@@ -40,87 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:
-    from experiments import char_lm
-    from experiments.common import (
-        non_negative_int,
-        parse_with_quick,
-        positive_float,
-        positive_int,
-        progress,
-        save_figure,
-        write_csv,
-    )
-except ImportError:  # run as a script: experiments/ is on sys.path
-    import char_lm
-    from common import (
-        non_negative_int,
-        parse_with_quick,
-        positive_float,
-        positive_int,
-        progress,
-        save_figure,
-        write_csv,
-    )
-
-
-def _flat(tree) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
-
-
-def make_grad_fn(model: char_lm.Model, params, X, Y):
-    """``grad(truncation) -> flat gradient`` at ``params`` on one fixed minibatch."""
-    carry0 = model.initial_carry(X.shape[0])
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def grad(spec: str, key):
-        truncation = char_lm.truncation_from_spec(spec, key)
-        g, _ = jax.grad(model.loss, has_aux=True)(params, carry0, X, Y, truncation=truncation)
-        return _flat(g)
-
-    return grad
-
-
-def gradient_bias(grad, ks, probs, samples: int, seed: int):
-    """Part (a): rows per strategy, the running-mean curve, the full gradient's norm."""
-    g_full = np.asarray(grad("full", jax.random.key(0)), dtype=np.float64)
-    norm = float(np.linalg.norm(g_full))
-
-    def compare(g):
-        g = np.asarray(g, dtype=np.float64)
-        rel = float(np.linalg.norm(g - g_full) / norm)
-        cos = float(g @ g_full / (np.linalg.norm(g) * norm))
-        return rel, cos
-
-    rows = []
-    for k in ks:
-        rel, cos = compare(grad(f"truncate:{k}", jax.random.key(0)))
-        rows.append(
-            {"strategy": f"Truncate({k})", "k_or_pi": k, "mean_window": k, "samples": 1,
-             "rel_error": rel, "cosine": cos, "rel_error_of_mean": rel,
-             "rel_error_std": 0.0}
-        )  # fmt: skip
-    curves = {}
-    jobs = [(p, s) for p in probs for s in range(samples)]
-    draws = {p: [] for p in probs}
-    base = jax.random.key(seed)
-    for p, s in progress(jobs, total=len(jobs), desc="gradient samples"):
-        key = jax.random.fold_in(jax.random.fold_in(base, int(round(p * 1e6))), s)
-        draws[p].append(np.asarray(grad(f"random:{p}", key), dtype=np.float64))
-    for p in probs:
-        gs = np.stack(draws[p])
-        single = [compare(g) for g in gs]
-        running = np.cumsum(gs, axis=0) / np.arange(1, len(gs) + 1)[:, None]
-        curves[p] = np.linalg.norm(running - g_full, axis=1) / norm
-        rels = np.array([r for r, _ in single])
-        rows.append(
-            {"strategy": f"RandomTruncate({p})", "k_or_pi": p, "mean_window": 1 / (1 - p)
-             if p < 1 else math.inf, "samples": len(gs), "rel_error": float(rels.mean()),
-             "cosine": float(np.mean([c for _, c in single])),
-             "rel_error_of_mean": float(curves[p][-1]), "rel_error_std": float(rels.std())}
-        )  # fmt: skip
-    return rows, curves, norm
-
+try:  # python -m experiments.truncation, or experiments/ is importable
+    from experiments import common
+except ImportError:  # python experiments/truncation.py
+    import common
 
 QUICK = dict(
     hidden=32, batch=8, length=30, ks="1,5,10", probs="0.5,0.9", samples=30,
@@ -129,196 +51,245 @@ QUICK = dict(
 """``--quick`` defaults (seconds); options given explicitly still win."""
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    p = common.parser(
+        __doc__,
+        quick="tiny model and corpus: seconds",
+        fresh="ignore existing checkpoints",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--corpus", default=None, help="UTF-8 text file (default: stdlib docs)")
-    parser.add_argument("--max-chars", type=non_negative_int, default=0, help="0: all")
-    parser.add_argument("--cell", choices=char_lm.CELLS, default="gru")
-    parser.add_argument("--hidden", type=positive_int, default=128)
-    parser.add_argument("--batch", type=positive_int, default=32)
-    parser.add_argument("--length", type=positive_int, default=100, help="BPTT length T")
-    parser.add_argument("--ks", default="1,2,5,10,20,50", help="Truncate(k) windows")
-    parser.add_argument("--probs", default="0.5,0.8,0.9,0.95", help="RandomTruncate π")
-    parser.add_argument("--samples", type=positive_int, default=200, help="ξ draws per π")
-    parser.add_argument("--pretrain-steps", type=positive_int, default=500)
-    parser.add_argument("--train-steps", type=positive_int, default=1000)
-    parser.add_argument("--train-k", type=positive_int, default=10, help="Truncate(k) trained")
-    parser.add_argument("--train-prob", type=float, default=0.9, help="RandomTruncate π trained")
-    parser.add_argument("--lr", type=positive_float, default=3e-3)
-    parser.add_argument("--clip", type=positive_float, default=1.0)
-    parser.add_argument("--eval-every", type=positive_int, default=50)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
-    parser.add_argument("--quick", action="store_true", help="tiny model and corpus: seconds")
-    parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
-    parser.add_argument("--out", default="results")
-    args = parse_with_quick(parser, argv, QUICK)
-    try:
-        ks = sorted({int(k) for k in args.ks.split(",")})
-        probs = sorted({float(p) for p in args.probs.split(",")})
-    except ValueError:
-        parser.error(
-            f"--ks and --probs are comma-separated numbers, got {args.ks!r}, {args.probs!r}"
-        )
-    if not ks or ks[0] < 1:
-        parser.error(f"--ks must be ints >= 1, got {args.ks!r}")
-    if any(not 0 < p < 1 for p in probs + [args.train_prob]):
-        parser.error(f"--probs and --train-prob must lie in (0, 1), got {probs}, {args.train_prob}")
-    if args.length < 2:
-        parser.error(f"--length must be >= 2, got {args.length}")
-    if args.backend:
-        jax.config.update("jax_platforms", args.backend)
+    probability = common.float_in(0, 1)
+    p.add_argument("--corpus", default=None, help="UTF-8 text file (default: stdlib docs)")
+    p.add_argument("--max-chars", type=common.non_negative_int, default=0, help="0: all")
+    common.add_cell_option(p, "gru")
+    p.add_argument("--hidden", type=common.positive_int, default=128)
+    p.add_argument("--batch", type=common.positive_int, default=32)
+    p.add_argument("--length", type=common.int_at_least(2), default=100, help="BPTT length T")
+    p.add_argument("--ks", type=common.comma_list(common.positive_int), default="1,2,5,10,20,50")
+    p.add_argument("--probs", type=common.comma_list(probability), default="0.5,0.8,0.9,0.95")
+    p.add_argument("--samples", type=common.positive_int, default=200, help="ξ draws per π")
+    p.add_argument("--pretrain-steps", type=common.positive_int, default=500)
+    p.add_argument("--train-steps", type=common.positive_int, default=1000)
+    p.add_argument("--train-k", type=common.positive_int, default=10, help="Truncate(k) trained")
+    p.add_argument("--train-prob", type=probability, default=0.9, help="RandomTruncate π trained")
+    p.add_argument("--lr", type=common.positive_float, default=3e-3)
+    p.add_argument("--clip", type=common.positive_float, default=1.0)
+    p.add_argument("--eval-every", type=common.positive_int, default=50)
+    p.add_argument("--seed", type=common.non_negative_int, default=0)
+    return p
 
-    try:
-        text = char_lm.load_text(args.corpus, args.max_chars)
-        base = char_lm.Config(
-            cell=args.cell,
-            hidden=args.hidden,
-            batch=args.batch,
-            num_steps=args.length,
-            lr=args.lr,
-            clip=args.clip,
-            seed=args.seed,
-            corpus=args.corpus,
-            max_chars=args.max_chars,
+
+def _flat(tree) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def make_grad_fn(model: common.CharModel, params, X, Y):
+    """``grad(truncation spec, key) -> flat gradient`` at ``params`` on one fixed minibatch."""
+    carry0 = model.initial_carry(X.shape[0])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def grad(spec: str, key):
+        truncation = common.truncation_from_spec(spec, key)
+        g, _ = jax.grad(model.loss, has_aux=True)(params, carry0, X, Y, truncation=truncation)
+        return _flat(g)
+
+    return grad
+
+
+def gradient_bias(grad, ks, probs, samples: int, seed: int):
+    """Part (a): a :class:`~common.BiasRow` per strategy and each π's running-mean curve."""
+    g_full = np.asarray(grad("full", jax.random.key(0)), dtype=np.float64)
+    norm = float(np.linalg.norm(g_full))
+
+    def compare(g):
+        rel = float(np.linalg.norm(g - g_full) / norm)
+        return rel, float(g @ g_full / (np.linalg.norm(g) * norm))
+
+    rows = []
+    for k in ks:
+        rel, cos = compare(np.asarray(grad(f"truncate:{k}", jax.random.key(0)), np.float64))
+        rows.append(common.BiasRow(f"Truncate({k})", k, k, 1, rel, cos, rel, 0.0))
+    draws = {p: [] for p in probs}
+    jobs = [(p, s) for p in probs for s in range(samples)]
+    base = jax.random.key(seed)
+    for p, s in common.progress(jobs, total=len(jobs), desc="gradient samples"):
+        key = jax.random.fold_in(jax.random.fold_in(base, int(round(p * 1e6))), s)
+        draws[p].append(np.asarray(grad(f"random:{p}", key), dtype=np.float64))
+    curves = {}
+    for p, gs in ((p, np.stack(d)) for p, d in draws.items()):
+        rels, coss = np.array([compare(g) for g in gs]).T
+        running = np.cumsum(gs, axis=0) / np.arange(1, len(gs) + 1)[:, None]
+        curves[p] = np.linalg.norm(running - g_full, axis=1) / norm
+        rows.append(
+            common.BiasRow(
+                f"RandomTruncate({p})",
+                p,
+                1 / (1 - p),
+                len(gs),
+                float(rels.mean()),
+                float(coss.mean()),
+                float(curves[p][-1]),
+                float(rels.std()),
+            )  # fmt: skip
         )
+    return rows, curves, norm
+
+
+def train_runs(base, train_k, train_prob, **kw) -> dict[str, list[common.EvalRow]]:
+    """Part (b): full BPTT, ``Truncate(k)`` and ``RandomTruncate(π)`` from the same start."""
+    runs = {
+        "full BPTT": "full",
+        f"Truncate({train_k})": f"truncate:{train_k}",
+        f"RandomTruncate({train_prob})": f"random:{train_prob}",
+    }
+    training = {}
+    for label, spec in runs.items():
+        cfg = dataclasses.replace(base, truncation=spec)
+        name = "train_" + spec.replace(":", "_")
+        training[label] = common.train_char_lm(cfg, name=name, **kw).rows
+    return training
+
+
+def report(rows, training, steps: tuple[int, int], length, g_norm, seconds) -> None:
+    """Print part (a)'s table and part (b)'s final perplexities; ``steps``: (pretrain, train)."""
+    print(
+        f"(a) gradients at step {steps[0]} of full-BPTT training, T={length}, "
+        f"‖g_full‖ = {g_norm:.4g} ({seconds:.0f} s)"
+    )
+    print(f"{'strategy':<22}{'rel. error':>12}{'cosine':>9}{'rel. error of mean':>20}")
+    for r in rows:
+        n = f" (n={r.samples})" if r.samples > 1 else ""
+        spread = f" ± {r.rel_error_std:.3f}" if r.samples > 1 else ""
+        print(
+            f"{r.strategy:<22}{r.rel_error:>12.4f}{spread}{r.cosine:>9.4f}"
+            f"{r.rel_error_of_mean:>14.4f}{n}"
+        )
+    print(f"(b) after {steps[1]} training steps:")
+    for label, rs in training.items():
+        s = rs[-1]
+        print(
+            f"{label:<22} validation perplexity {s.val_perplexity:.3f}, "
+            f"training {s.train_perplexity:.3f}, {s.seconds:.0f} s"
+        )
+
+
+def _plot_bias(ax, rows, length: int) -> None:
+    trunc = [r for r in rows if r.samples == 1 and r.k_or_pi < length]
+    ax.semilogy(
+        [r.k_or_pi for r in trunc], [r.rel_error for r in trunc], "o-",
+        label=f"Truncate(k) (k = T = {length}: exact)",
+    )  # fmt: skip
+    for r in rows:
+        if r.samples > 1:
+            ax.semilogy([r.mean_window], [r.rel_error], "s", label=f"{r.strategy}, one draw")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (Truncate) or mean kept window 1/(1-π) (RandomTruncate)")
+    ax.set_ylabel("‖g − g_full‖ / ‖g_full‖")
+    ax.set_title("(a) error of one gradient")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plot_means(ax, rows, curves, length: int) -> None:
+    for p, c in curves.items():
+        ax.loglog(np.arange(1, len(c) + 1), c, label=f"RandomTruncate({p}): mean of n draws")
+    first = next(iter(curves.values()))
+    n = np.arange(1, len(first) + 1)
+    ax.loglog(n, first[0] / np.sqrt(n), "k--", lw=0.8, label="∝ 1/√n")
+    for r in rows:
+        if r.samples == 1 and r.k_or_pi < length:
+            ax.axhline(r.rel_error, ls=":", color="gray")
+            ax.annotate(f"k={r.k_or_pi}", (1, r.rel_error), fontsize=7, va="bottom")
+    ax.set_xlabel("n (independent ξ draws averaged)")
+    ax.set_ylabel("relative error of the mean")
+    ax.set_title("(a) unbiased: the mean converges (dotted: Truncate(k))")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plot_training(ax, training, length: int) -> None:
+    import matplotlib.ticker
+
+    for i, (label, rs) in enumerate(training.items()):
+        steps = [r.step for r in rs]
+        ax.plot(steps, [r.val_perplexity for r in rs], color=f"C{i}", label=label)
+        ax.plot(steps, [r.train_perplexity for r in rs], "--", color=f"C{i}", alpha=0.5)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation perplexity (dashed: training)")
+    ax.set_title(f"(b) training, T={length}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot(rows, curves, training, base: common.CharConfig, path: str) -> str:
+    fig, (ax1, ax2, ax3) = common.pyplot().subplots(1, 3, figsize=(16, 4.5))
+    _plot_bias(ax1, rows, base.num_steps)
+    _plot_means(ax2, rows, curves, base.num_steps)
+    _plot_training(ax3, training, base.num_steps)
+    fig.suptitle(
+        f"character LM ({base.cell}, hidden {base.hidden}, batch {base.batch}), "
+        f"{jax.default_backend()}"
+    )
+    return common.save_figure(fig, path)
+
+
+def main(argv=None) -> None:
+    p = build_parser()
+    args = common.parse(p, argv, QUICK)
+    try:
+        text = common.load_text(args.corpus, args.max_chars)
+        base = common.CharConfig(
+            cell=args.cell, hidden=args.hidden, batch=args.batch, num_steps=args.length,
+            lr=args.lr, clip=args.clip, seed=args.seed, corpus=args.corpus,
+            max_chars=args.max_chars,
+        )  # fmt: skip
     except (OSError, ValueError) as e:
-        parser.error(str(e))
+        p.error(str(e))
     out = args.out
     os.makedirs(out, exist_ok=True)
     print(
         f"{args.cell} hidden {args.hidden}, batch {args.batch} x T={args.length}, "
         f"corpus {len(text):,} characters, {jax.default_backend()}"
     )
-
     # (a) bias and variance at a fixed parameter point
     t0 = time.perf_counter()
-    fixed = char_lm.train(
-        base, steps=args.pretrain_steps, out=out, name="pretrained",
-        eval_every=min(args.eval_every, args.pretrain_steps), fresh=args.fresh, text=text,
-    )  # fmt: skip
-    train_tokens, _ = char_lm.split(fixed["vocab"].encode(text))
-    X, Y, _ = char_lm.minibatch(
+    kw = dict(out=out, fresh=args.fresh, text=text)
+    eval_every = min(args.eval_every, args.pretrain_steps)
+    fixed = common.train_char_lm(
+        base, steps=args.pretrain_steps, name="pretrained", eval_every=eval_every, **kw
+    )
+    train_tokens, _ = common.split_tokens(fixed.vocab.encode(text))
+    X, Y, _ = common.minibatch(
         train_tokens, 10**6, batch=args.batch, num_steps=args.length, partition="random",
         seed=args.seed + 1,
     )  # fmt: skip
-    grad = make_grad_fn(fixed["model"], fixed["params"], jnp.asarray(X), jnp.asarray(Y))
-    ks = [k for k in ks if k < args.length] + [args.length]  # k = T is full BPTT
-    rows, curves, g_norm = gradient_bias(grad, ks, probs, args.samples, args.seed)
+    grad = make_grad_fn(fixed.model, fixed.params, jnp.asarray(X), jnp.asarray(Y))
+    ks = [k for k in args.ks if k < args.length] + [args.length]  # k = T is full BPTT
+    rows, curves, g_norm = gradient_bias(grad, ks, args.probs, args.samples, args.seed)
     bias_seconds = time.perf_counter() - t0
-    write_csv(os.path.join(out, "gradient_bias.csv"), rows)
-    write_csv(
-        os.path.join(out, "gradient_mean.csv"),
-        [
-            {"pi": p, "n": n + 1, "rel_error_of_mean": float(c[n])}
-            for p, c in curves.items()
-            for n in range(len(c))
-        ],
-    )
-
+    common.Table(os.path.join(out, "gradient_bias.csv"), common.BiasRow).write(rows)
+    means = [
+        common.MeanRow(p, n + 1, float(c[n])) for p, c in curves.items() for n in range(len(c))
+    ]
+    common.Table(os.path.join(out, "gradient_mean.csv"), common.MeanRow).write(means)
     # (b) training curves from the same initialization and minibatches
-    runs = {
-        "full BPTT": "full",
-        f"Truncate({args.train_k})": f"truncate:{args.train_k}",
-        f"RandomTruncate({args.train_prob})": f"random:{args.train_prob}",
-    }
-    training, summary = {}, []
-    for label, spec in runs.items():
-        cfg = dataclasses.replace(base, truncation=spec)
-        name = "train_" + spec.replace(":", "_")
-        result = char_lm.train(
-            cfg, steps=args.train_steps, out=out, name=name, eval_every=args.eval_every,
-            fresh=args.fresh, text=text,
-        )  # fmt: skip
-        training[label] = result["rows"]
-        last = result["rows"][-1]
-        summary.append({"strategy": label, **last})
-    write_csv(
-        os.path.join(out, "training.csv"),
-        [{"strategy": label, **r} for label, rs in training.items() for r in rs],
-    )
-    png = plot(rows, curves, training, args, os.path.join(out, "truncation.png"))
-
-    print(
-        f"(a) gradients at step {args.pretrain_steps} of full-BPTT training, T={args.length}, "
-        f"‖g_full‖ = {g_norm:.4g} ({bias_seconds:.0f} s)"
-    )
-    print(f"{'strategy':<22}{'rel. error':>12}{'cosine':>9}{'rel. error of mean':>20}")
-    for r in rows:
-        n = f" (n={r['samples']})" if r["samples"] > 1 else ""
-        spread = f" ± {r['rel_error_std']:.3f}" if r["samples"] > 1 else ""
-        print(
-            f"{r['strategy']:<22}{r['rel_error']:>12.4f}{spread}{r['cosine']:>9.4f}"
-            f"{r['rel_error_of_mean']:>14.4f}{n}"
-        )
-    print(f"(b) after {args.train_steps} training steps:")
-    for s in summary:
-        print(
-            f"{s['strategy']:<22} validation perplexity {s['val_perplexity']:.3f}, "
-            f"training {s['train_perplexity']:.3f}, {s['seconds']:.0f} s"
-        )
-    print(f"wrote {out}/gradient_bias.csv, gradient_mean.csv, training.csv, {png}")
-    return {"bias": rows, "mean_curves": curves, "training": training, "summary": summary}
-
-
-def plot(rows, curves, training, args, path):
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
-    trunc = [r for r in rows if r["samples"] == 1 and r["k_or_pi"] < args.length]
-    ax1.semilogy(
-        [r["k_or_pi"] for r in trunc], [r["rel_error"] for r in trunc], "o-",
-        label=f"Truncate(k) (k = T = {args.length}: exact)",
+    training = train_runs(
+        base, args.train_k, args.train_prob, steps=args.train_steps, eval_every=args.eval_every,
+        **kw,
     )  # fmt: skip
-    for r in rows:
-        if r["samples"] > 1:
-            ax1.semilogy(
-                [r["mean_window"]], [r["rel_error"]], "s", label=f"{r['strategy']}, one draw"
-            )
-    ax1.set_xscale("log")
-    ax1.set_xlabel("k (Truncate) or mean kept window 1/(1-π) (RandomTruncate)")
-    ax1.set_ylabel("‖g − g_full‖ / ‖g_full‖")
-    ax1.set_title("(a) error of one gradient")
-    ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=7)
-    for p, c in curves.items():
-        n = np.arange(1, len(c) + 1)
-        ax2.loglog(n, c, label=f"RandomTruncate({p}): mean of n draws")
-    first = next(iter(curves.values()))
-    n = np.arange(1, len(first) + 1)
-    ax2.loglog(n, first[0] / np.sqrt(n), "k--", lw=0.8, label="∝ 1/√n")
-    for r in trunc:
-        ax2.axhline(r["rel_error"], ls=":", color="gray")
-        ax2.annotate(f"k={r['k_or_pi']}", (1, r["rel_error"]), fontsize=7, va="bottom")
-    ax2.set_xlabel("n (independent ξ draws averaged)")
-    ax2.set_ylabel("relative error of the mean")
-    ax2.set_title("(a) unbiased: the mean converges (dotted: Truncate(k))")
-    ax2.grid(True, which="both", alpha=0.3)
-    ax2.legend(fontsize=7)
-    for i, (label, rs) in enumerate(training.items()):
-        steps = [r["step"] for r in rs]
-        ax3.plot(steps, [r["val_perplexity"] for r in rs], color=f"C{i}", label=label)
-        ax3.plot(steps, [r["train_perplexity"] for r in rs], "--", color=f"C{i}", alpha=0.5)
-    ax3.set_yscale("log")
-    ax3.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax3.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax3.set_xlabel("training step")
-    ax3.set_ylabel("validation perplexity (dashed: training)")
-    ax3.set_title(f"(b) training, T={args.length}")
-    ax3.grid(True, which="both", alpha=0.3)
-    ax3.legend(fontsize=8)
-    fig.suptitle(
-        f"character LM ({args.cell}, hidden {args.hidden}, batch {args.batch}), "
-        f"{jax.default_backend()}"
-    )
-    return save_figure(fig, path)
+    lines = [
+        common.TrainingRow(label, *dataclasses.astuple(r))
+        for label, rs in training.items()
+        for r in rs
+    ]
+    common.Table(os.path.join(out, "training.csv"), common.TrainingRow).write(lines)
+    png = plot(rows, curves, training, base, os.path.join(out, "truncation.png"))
+    steps = (args.pretrain_steps, args.train_steps)
+    report(rows, training, steps, args.length, g_norm, bias_seconds)
+    print(f"wrote {out}/gradient_bias.csv, gradient_mean.csv, training.csv, {png}")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,15 @@
 
 import functools
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CELLS
 
 import bpttjax as bj
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import common  # noqa: E402
+from experiments import common
 
 B, D, H = 32, 64, 256
 
@@ -66,7 +63,7 @@ def measured(cell, T, remat):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", common.CELLS)
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T", [100, 1_000, 10_000])
 def test_measured_temp_never_exceeds_the_budget(cell, T):
     plain = measured(cell, T, bj.StoreAll())

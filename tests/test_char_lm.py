@@ -1,18 +1,16 @@
-"""experiments/char_lm.py: corpus, partitioning, loss, training, resume, sampling."""
+"""The character language model (experiments/common.py) and experiments/char_lm.py."""
 
-import csv
 import dataclasses
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CELLS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import char_lm  # noqa: E402
+import bpttjax as bj
+from experiments import common
 
 
 @pytest.fixture(autouse=True)
@@ -25,51 +23,51 @@ def standard_promotion():
 
 @pytest.fixture(scope="module")
 def text():
-    return char_lm.load_text(None, max_chars=60_000)
+    return common.load_text(None, max_chars=60_000)
 
 
 def test_default_corpus_is_deterministic_english_text():
-    a = char_lm.stdlib_docstrings()
-    b = char_lm.stdlib_docstrings()
+    a = common.stdlib_docstrings()
+    b = common.stdlib_docstrings()
     assert a == b
-    clean = char_lm.preprocess(a)
+    clean = common.preprocess(a)
     assert len(clean) > 200_000
     assert re.fullmatch("[a-z ]+", clean)
     words = clean.split()
     # real English prose: the commonest words are English function words
-    common = {w for w, _ in zip(*np.unique(words, return_counts=True), strict=True)}
-    assert {"the", "of", "and", "is", "to"} <= common
+    common_words = {w for w, _ in zip(*np.unique(words, return_counts=True), strict=True)}
+    assert {"the", "of", "and", "is", "to"} <= common_words
     assert words.count("the") / len(words) > 0.02
 
 
 def test_preprocess_is_d2l():
     assert (
-        char_lm.preprocess("The Time-Machine, by H. G. Wells!\n") == "the time machine by h g wells"
+        common.preprocess("The Time-Machine, by H. G. Wells!\n") == "the time machine by h g wells"
     )
 
 
 def test_vocab_round_trip(text):
-    vocab = char_lm.Vocab.build(text)
+    vocab = common.Vocab.build(text)
     assert len(vocab) == 27  # 26 letters and the space
     assert vocab.decode(vocab.encode(text[:500])) == text[:500]
     with pytest.raises(ValueError, match="not in the vocabulary"):
         vocab.encode("abc!")
 
 
-@pytest.mark.parametrize("partition", char_lm.PARTITIONS)
+@pytest.mark.parametrize("partition", common.PARTITIONS)
 def test_minibatches(partition):
     # token i at position i: every row shows where in the text it was cut
     tokens = np.arange(3001, dtype=np.int32)
     kw = dict(batch=4, num_steps=7, partition=partition, seed=3)
-    per_epoch = char_lm.steps_per_epoch(len(tokens), 4, 7)
+    per_epoch = common.steps_per_epoch(len(tokens), 4, 7)
     assert per_epoch == (3001 - 7) // 28
-    batches = [char_lm.minibatch(tokens, i, **kw) for i in range(2 * per_epoch)]
+    batches = [common.minibatch(tokens, i, **kw) for i in range(2 * per_epoch)]
     for X, Y, _ in batches:
         assert X.shape == Y.shape == (4, 7)
         np.testing.assert_array_equal(Y, X + 1)  # the next character
         np.testing.assert_array_equal(np.diff(X, axis=1), 1)  # contiguous text
     # deterministic: a pure function of the step (what makes resuming exact)
-    np.testing.assert_array_equal(char_lm.minibatch(tokens, 5, **kw)[0], batches[5][0])
+    np.testing.assert_array_equal(common.minibatch(tokens, 5, **kw)[0], batches[5][0])
     resets = [r for _, _, r in batches]
     for epoch in range(2):
         ep = batches[epoch * per_epoch : (epoch + 1) * per_epoch]
@@ -91,26 +89,25 @@ def test_minibatches(partition):
 
 def test_minibatch_too_short():
     with pytest.raises(ValueError, match="too short"):
-        char_lm.minibatch(
+        common.minibatch(
             np.zeros(50, np.int32), 0, batch=4, num_steps=20, partition="random", seed=0
         )
 
 
-@pytest.mark.parametrize("cell", char_lm.CELLS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_loss_is_mean_cross_entropy(cell):
-    """Against a Python loop over the steps and a log-softmax written out."""
-    model = char_lm.Model(cell, vocab=11, hidden=6)
+    """Against a Python loop over the registered cell's steps and a log-softmax written out."""
+    model = common.CharModel(cell, vocab=11, hidden=6)
     params = model.init(jax.random.key(1))
     rng = np.random.default_rng(0)
     X = jnp.asarray(rng.integers(11, size=(3, 9)), jnp.int32)
     Y = jnp.asarray(rng.integers(11, size=(3, 9)), jnp.int32)
     carry = model.initial_carry(3)
     nll, final = model.loss(params, carry, X, Y)
-    step = getattr(char_lm.bj.cells, cell)
+    step = bj.cells.get(cell).step
     total = 0.0
     for t in range(9):
-        carry, _ = step(params["cell"], carry, jnp.eye(11, dtype=jnp.float32)[X[:, t]])
-        h = carry[0] if cell == "lstm" else carry
+        carry, h = step(params["cell"], carry, jnp.eye(11, dtype=jnp.float32)[X[:, t]])
         z = np.asarray(h @ params["W_out"], np.float64) + np.asarray(params["b_out"])
         logp = (
             z
@@ -124,55 +121,60 @@ def test_loss_is_mean_cross_entropy(cell):
 
 
 def test_truncation_and_remat_in_the_model():
-    model = char_lm.Model("gru", vocab=9, hidden=5)
+    model = common.CharModel("gru", vocab=9, hidden=5)
     params = model.init(jax.random.key(0))
     rng = np.random.default_rng(1)
     X, Y = (jnp.asarray(rng.integers(9, size=(2, 12)), jnp.int32) for _ in range(2))
     carry = model.initial_carry(2)
 
     def grad(spec, remat="store_all"):
-        tr = char_lm.truncation_from_spec(spec, jax.random.key(4))
-        loss = lambda p: model.loss(p, carry, X, Y, truncation=tr, remat=char_lm.REMATS[remat]())
+        tr = common.truncation_from_spec(spec, jax.random.key(4))
+        remat = bj.remat.from_string(remat)
+        loss = lambda p: model.loss(p, carry, X, Y, truncation=tr, remat=remat)
         return np.concatenate(
             [np.ravel(g) for g in jax.tree.leaves(jax.grad(lambda p: loss(p)[0])(params))]
         )
 
     full = grad("full")
     np.testing.assert_allclose(grad("truncate:12"), full, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(grad("full", "nested2"), full, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grad("full", "nested:2"), full, rtol=1e-5, atol=1e-7)
     assert np.linalg.norm(grad("truncate:2") - full) > 1e-3 * np.linalg.norm(full)
     with pytest.raises(ValueError, match="truncation must be"):
-        char_lm.truncation_from_spec("sometimes")
+        common.truncation_from_spec("sometimes")
     with pytest.raises(ValueError, match="bad truncation"):
-        char_lm.truncation_from_spec("random:1.5")
+        common.truncation_from_spec("random:1.5")
 
 
 def _small(**kw):
-    return char_lm.Config(hidden=16, batch=8, num_steps=10, max_chars=30_000, **kw)
+    return common.CharConfig(hidden=16, batch=8, num_steps=10, max_chars=30_000, **kw)
+
+
+def test_config_reads_the_registries():
+    assert _small(cell="lstm", remat="binomial:3").remat == "binomial:3"
+    with pytest.raises(ValueError, match="registered cells"):
+        _small(cell="transformer")
+    with pytest.raises(ValueError, match="registered"):
+        _small(remat="nested3x")
 
 
 def test_training_learns_and_resumes_exactly(tmp_path, text):
     text = text[:30_000]
     cfg = _small(partition="sequential", truncation="random:0.8")
-    straight = char_lm.train(
-        cfg, steps=40, out=str(tmp_path / "a"), name="m", eval_every=10, text=text
-    )
-    char_lm.train(cfg, steps=20, out=str(tmp_path / "b"), name="m", eval_every=10, text=text)
-    resumed = char_lm.train(
-        cfg, steps=40, out=str(tmp_path / "b"), name="m", eval_every=10, text=text
-    )
-    for a, b in zip(
-        jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"]), strict=True
-    ):
+    kw = dict(name="m", eval_every=10, text=text)
+    straight = common.train_char_lm(cfg, steps=40, out=str(tmp_path / "a"), **kw)
+    common.train_char_lm(cfg, steps=20, out=str(tmp_path / "b"), **kw)
+    resumed = common.train_char_lm(cfg, steps=40, out=str(tmp_path / "b"), **kw)
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
-    rows = list(csv.DictReader((tmp_path / "b" / "m.csv").read_text().splitlines()))
-    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
-    ppl = [r["val_perplexity"] for r in straight["rows"]]
+    rows = common.Table(tmp_path / "b" / "m.csv", common.EvalRow).read()
+    assert [r.step for r in rows] == [10, 20, 30, 40]
+    assert rows == resumed.rows and [r.step for r in straight.rows] == [10, 20, 30, 40]
+    ppl = [r.val_perplexity for r in straight.rows]
     assert ppl[-1] < 0.85 * 27  # below the uniform model's perplexity, the vocabulary size
     assert ppl[-1] < ppl[0]
     # another configuration must not silently overwrite or reuse the checkpoint
     with pytest.raises(ValueError, match="another configuration"):
-        char_lm.train(
+        common.train_char_lm(
             dataclasses.replace(cfg, lr=1e-2),
             steps=40,
             out=str(tmp_path / "b"),
@@ -181,29 +183,31 @@ def test_training_learns_and_resumes_exactly(tmp_path, text):
         )
     # nor one made from another text (the default corpus varies by Python version)
     with pytest.raises(ValueError, match="another configuration or text"):
-        char_lm.train(cfg, steps=40, out=str(tmp_path / "b"), name="m", text=text[::-1])
+        common.train_char_lm(cfg, steps=40, out=str(tmp_path / "b"), name="m", text=text[::-1])
 
 
 def test_predict(tmp_path, text):
-    result = char_lm.train(_small(), steps=1, out=str(tmp_path), name="p", text=text[:30_000])
-    args = (result["model"], result["params"], result["vocab"], "The Time", 25)
-    greedy = char_lm.predict(*args)
+    run = common.train_char_lm(_small(), steps=1, out=str(tmp_path), name="p", text=text[:30_000])
+    args = (run.model, run.params, run.vocab, "The Time", 25)
+    greedy = common.predict_text(*args)
     assert greedy.startswith("the time") and len(greedy) == len("the time") + 25
-    assert greedy == char_lm.predict(*args)
-    sampled = [char_lm.predict(*args, temperature=1.0, seed=s) for s in range(4)]
+    assert greedy == common.predict_text(*args)
+    sampled = [common.predict_text(*args, temperature=1.0, seed=s) for s in range(4)]
     assert len(set(sampled)) > 1
-    assert set("".join(sampled)) <= set(result["vocab"].chars)
+    assert set("".join(sampled)) <= set(run.vocab.chars)
 
 
 @pytest.mark.parametrize(
     "extra", [[], ["--impl", "nnx", "--cell", "lstm", "--partition", "sequential"]]
 )
 def test_quick_run_writes_files(tmp_path, extra):
-    result = char_lm.main(["--quick", "--out", str(tmp_path), *extra])
+    common.run("char_lm", ["--quick", "--out", tmp_path, *extra])
     name = "char_lm_lstm_nnx_sequential" if extra else "char_lm_gru"
     for suffix in (".csv", ".ckpt", ".png", "_sample.txt"):
         assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
-    assert result["rows"][-1]["val_perplexity"] < 0.85 * 27
+    rows = common.Table(tmp_path / f"{name}.csv", common.EvalRow).read()
+    assert [r.step for r in rows] == [20, 40, 60]  # --quick: 60 steps, evaluated every 20
+    assert rows[-1].val_perplexity < 0.85 * 27
 
 
 @pytest.mark.parametrize(
@@ -211,6 +215,8 @@ def test_quick_run_writes_files(tmp_path, extra):
     [
         ["--corpus", "/no/such/file"],
         ["--truncation", "sometimes"],
+        ["--remat", "sometimes"],
+        ["--cell", "transformer"],
         ["--steps", "0"],
         ["--temperature", "-1"],
         ["--max-chars", "500"],
@@ -218,13 +224,13 @@ def test_quick_run_writes_files(tmp_path, extra):
 )
 def test_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        char_lm.main(["--quick", "--out", str(tmp_path), *argv])
+        common.run("char_lm", ["--quick", "--out", tmp_path, *argv])
 
 
 def test_corpus_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 ".encode("latin-1") * 500)
     with pytest.raises(SystemExit):
-        char_lm.main(["--quick", "--corpus", str(path), "--out", str(tmp_path)])
+        common.run("char_lm", ["--quick", "--corpus", path, "--out", tmp_path])
     with pytest.raises(ValueError, match="not UTF-8"):
-        char_lm.load_text(str(path))
+        common.load_text(str(path))

@@ -1,85 +1,97 @@
-"""experiments/long_range.py: full BPTT learns the adding problem, Truncate(k) cannot."""
-
-import csv
-import sys
-from pathlib import Path
+"""The adding problem (experiments/common.py) and experiments/long_range.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import long_range  # noqa: E402
+from experiments import common
 
-BASELINE = long_range.BASELINE_MSE
+BASELINE = common.ADDING_BASELINE_MSE
+
+
+def curves(out):
+    rows = common.Table(out / "long_range.csv", common.AddingRow).read()
+    by_method = {}
+    for r in rows:
+        by_method.setdefault(r.method, []).append(r)
+    return rows, by_method
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("long_range")
-    return out, long_range.main(["--quick", "--out", str(out)])
+    common.run("long_range", ["--quick", "--out", out])
+    return out, *curves(out)
 
 
 def test_full_bptt_learns_truncated_does_not(quick_run):
-    _, result = quick_run
-    full, trunc = (result["summary"][m] for m in ("full BPTT", "Truncate(5)"))
-    constant = result["constant_mse"]  # predicting 1 on the held-out batch
+    _, _, by_method = quick_run
+    full, trunc = by_method["full BPTT"], by_method["Truncate(5)"]
+    # --quick: T=50, min gap 12, held-out batch of 500 for seed 0
+    _, target = common.adding_eval_batch(0, 500, 50, "gap", 12)
+    constant = float(jnp.mean((target - 1.0) ** 2))  # predicting 1 on the held-out batch
     # seed 0, T=50, 500 steps: full BPTT ends at 0.012·(1/6), Truncate(5) never
     # below 0.95 of the constant prediction; seeds 1-5: full ends at 0.02-0.15·(1/6),
     # truncated never below 0.97 of the constant (its floor is (1 - 2/38)·(1/6))
-    assert full["final_eval_mse"] < 0.25 * BASELINE, full
-    assert trunc["best_eval_mse"] > 0.85 * constant, (trunc, constant)
-    assert trunc["best_eval_mse"] > 4 * full["final_eval_mse"], (full, trunc)
+    trunc_best = min(r.eval_mse for r in trunc)
+    assert full[-1].eval_mse < 0.25 * BASELINE, full[-1]
+    assert trunc_best > 0.85 * constant, (trunc_best, constant)
+    assert trunc_best > 4 * full[-1].eval_mse, (full[-1], trunc_best)
     # both start from the same parameters, near the constant prediction
-    first = [rows[0]["eval_mse"] for rows in result["curves"].values()]
-    assert first[0] == first[1]
-    assert abs(first[0] - constant) < 0.02
+    assert full[0].eval_mse == trunc[0].eval_mse
+    assert abs(full[0].eval_mse - constant) < 0.02
 
 
-def test_truncated_model_never_sees_a_marker(quick_run):
-    _, result = quick_run
-    w_marker = {m: np.asarray(p["cell"]["W_x"][1]) for m, p in result["params"].items()}
-    assert (w_marker["Truncate(5)"] == 0).all()  # zero at init, zero gradient ever since
-    assert np.abs(w_marker["full BPTT"]).max() > 0.1  # full BPTT learnt to use the marker
+def test_truncated_model_never_sees_a_marker(key):
+    """Row 1 of W_x (the marker's input weights) starts at 0 and stays 0 under Truncate(k)."""
+    T, M, k = 12, 4, 3
+    params0 = common.adding_params(key, 4, T, "chrono", marker_weights="zero")
+    optimizer = optax.adam(1e-2)
+    final = {}
+    for truncate in (None, k):
+        step = common.adding_train_step(optimizer, 8, T, "gap", M, truncate)
+        params, state = params0, optimizer.init(params0)
+        for i in range(5):
+            params, state, _ = step(params, state, jax.random.key(i))
+        final[truncate] = np.asarray(params["cell"]["W_x"][1])
+    assert (final[k] == 0).all()  # zero at init, zero gradient ever since
+    assert np.abs(final[None]).max() > 0  # full BPTT's gradient reaches the markers
 
 
 def test_files_written(quick_run):
-    out, result = quick_run
-    rows = list(csv.DictReader((out / "long_range.csv").read_text().splitlines()))
-    args = result["args"]
-    evals = args["steps"] // args["eval_every"] + 1
+    out, rows, by_method = quick_run
+    evals = 500 // 25 + 1  # --quick: 500 steps, evaluated every 25 steps and at 0
     assert len(rows) == 2 * evals
-    assert [r["method"] for r in rows] == ["full BPTT"] * evals + ["Truncate(5)"] * evals
-    for method, curve in result["curves"].items():
-        mine = [r for r in rows if r["method"] == method]
-        assert [int(r["step"]) for r in mine] == [c["step"] for c in curve]
-        assert [float(r["eval_mse"]) for r in mine] == pytest.approx([c["eval_mse"] for c in curve])
-        walls = [float(r["wall_s"]) for r in mine]
+    assert [r.method for r in rows] == ["full BPTT"] * evals + ["Truncate(5)"] * evals
+    for mine in by_method.values():
+        assert [r.step for r in mine] == list(range(0, 501, 25))
+        walls = [r.wall_s for r in mine]
         assert walls == sorted(walls)
-        assert np.isnan(float(mine[0]["train_mse"]))
-        assert all(0 <= float(r["train_mse"]) < 1 for r in mine[1:])
+        assert np.isnan(mine[0].train_mse)
+        assert all(0 <= r.train_mse < 1 for r in mine[1:])
     assert (out / "long_range.png").stat().st_size > 10_000
 
 
 def test_killed_run_keeps_its_rows(tmp_path, monkeypatch):
-    def interrupted(iterable, *, total, desc):
+    def interrupted(iterable, **kwargs):
         for step in iterable:
             if step == 13:
                 raise KeyboardInterrupt
             yield step
 
-    monkeypatch.setattr(long_range.common, "progress", interrupted)
+    monkeypatch.setattr(common, "progress", interrupted)
     argv = "--length 12 --steps 40 --eval-every 5 --hidden 4 --batch 4 --eval-batch 8"
     with pytest.raises(KeyboardInterrupt):
-        long_range.main([*argv.split(), "--out", str(tmp_path)])
-    rows = list(csv.DictReader((tmp_path / "long_range.csv").read_text().splitlines()))
-    assert [(r["method"], int(r["step"])) for r in rows] == [("full BPTT", s) for s in (0, 5, 10)]
+        common.run("long_range", [*argv.split(), "--out", tmp_path])
+    rows, _ = curves(tmp_path)
+    assert [(r.method, r.step) for r in rows] == [("full BPTT", s) for s in (0, 5, 10)]
 
 
 def test_gap_batches(key):
     T, M, B = 40, 10, 10_000
-    xs, target = long_range.adding_batch(key, B, T, "gap", M)
+    xs, target = common.adding_batch(key, B, T, "gap", M)
     assert xs.shape == (T, B, 2) and target.shape == (B,)
     assert xs.dtype == target.dtype == jnp.float32
     values, markers = np.asarray(xs[..., 0]), np.asarray(xs[..., 1])
@@ -95,7 +107,7 @@ def test_gap_batches(key):
 
 def test_hochreiter_batches(key):
     T, B = 40, 5_000
-    xs, target = long_range.adding_batch(key, B, T, "hochreiter")
+    xs, target = common.adding_batch(key, B, T, "hochreiter")
     markers = np.asarray(xs[..., 1])
     assert (markers.sum(axis=0) == 2).all()
     assert (markers[:10].sum(axis=0) >= 1).all()  # a marker among the first ten steps
@@ -103,14 +115,14 @@ def test_hochreiter_batches(key):
     assert float(jnp.mean((target - 1.0) ** 2)) == pytest.approx(1 / 6, abs=0.01)
 
 
-@pytest.mark.parametrize("placement", long_range.PLACEMENTS)
+@pytest.mark.parametrize("placement", common.PLACEMENTS)
 def test_marker_blind_floor(key, placement):
     T, M, B = 12, 4, 40_000
-    floor = long_range.marker_blind_floor(T, placement, M)
+    floor = common.marker_blind_floor(T, placement, M)
     assert floor < BASELINE - 0.02
-    xs, target = long_range.adding_batch(key, B, T, placement, M)
+    xs, target = common.adding_batch(key, B, T, placement, M)
     markers = np.asarray(xs[..., 1])
-    a, b = long_range.marker_region(T, placement, M)
+    a, b = common.marker_region(T, placement, M)
     t = np.arange(T)
     p = (t < a) / a + (t < b) / (b - 1) * (1 - (t < a) / a)
     np.testing.assert_allclose(markers.mean(axis=1), p, atol=0.01)  # P(step t is marked)
@@ -119,14 +131,14 @@ def test_marker_blind_floor(key, placement):
     assert np.mean((guess - np.asarray(target)) ** 2) == pytest.approx(floor, abs=0.004)
 
 
-_grad_params_and_inputs = jax.jit(jax.grad(long_range.mse, argnums=(0, 1)), static_argnums=3)
+_grad_params_and_inputs = jax.jit(jax.grad(common.adding_mse, argnums=(0, 1)), static_argnums=3)
 
 
-@pytest.mark.parametrize("init", long_range.INITS)
+@pytest.mark.parametrize("init", common.INITS)
 def test_truncated_gradient_never_reaches_a_marker(key, init):
     T, M, k, H = 30, 10, 10, 8
-    params = long_range.init_params(key, H, T, init)
-    xs, target = long_range.adding_batch(jax.random.key(1), 16, T, "gap", M)
+    params = common.adding_params(key, H, T, init)
+    xs, target = common.adding_batch(jax.random.key(1), 16, T, "gap", M)
 
     def grads(truncate):
         return _grad_params_and_inputs(params, xs, target, truncate)
@@ -145,7 +157,7 @@ def test_truncated_gradient_never_reaches_a_marker(key, init):
 
 def test_chrono_init(key):
     T, H = 200, 64
-    b = np.asarray(long_range.init_params(key, H, T, "chrono")["cell"]["b"])
+    b = np.asarray(common.adding_params(key, H, T, "chrono")["cell"]["b"])
     b_i, b_f, b_g, b_o = np.split(b, 4)
     assert (b_f >= 0).all() and (b_f <= np.log(T - 1) + 1e-6).all()
     np.testing.assert_array_equal(b_i, -b_f)
@@ -166,4 +178,4 @@ def test_chrono_init(key):
 )
 def test_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        long_range.main([*argv, "--out", str(tmp_path)])
+        common.run("long_range", [*argv, "--out", tmp_path])

@@ -1,26 +1,23 @@
-"""Smoke test of experiments/million_steps.py at a tiny size."""
+"""experiments/million_steps.py at a tiny size, through its command line."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import million_steps  # noqa: E402
+from experiments import common
 
 
-@pytest.mark.parametrize("remat", ["nested3", "everystep"])
+@pytest.mark.parametrize("remat", ["nested:3", "every_step"])
 def test_streamed_gradient_matches_plain_bptt(tmp_path, remat, capsys):
-    argv = ["--length", "37", "--batch", "2", "--input", "3", "--hidden", "4"]
-    result = million_steps.main([*argv, "--remat", remat, "--check", "--out", str(tmp_path)])
-    assert result["max_rel_diff_to_plain"] < 1e-5  # float32 model
-    assert 0 < result["remat_temp_bytes"] < result["plain_temp_bytes"]
+    common.run("million_steps", ["--quick", "--remat", remat, "--check", "--out", tmp_path])
     saved = json.loads((tmp_path / "million_steps.json").read_text())
+    assert saved["max_rel_diff_to_plain"] < 1e-5  # float32 model
+    assert 0 < saved["remat_temp_bytes"] < saved["plain_temp_bytes"]
     assert saved["length"] == 37 and saved["seconds"] > 0
     assert "plain BPTT" in capsys.readouterr().out
 
 
-def test_rejects_bad_length(tmp_path):
+@pytest.mark.parametrize("argv", [["--length", "0"], ["--remat", "nested3x"], ["--cell", "x"]])
+def test_rejects_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        million_steps.main(["--length", "0", "--out", str(tmp_path)])
+        common.run("million_steps", [*argv, "--out", tmp_path])

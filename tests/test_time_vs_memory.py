@@ -1,26 +1,23 @@
-"""Smoke test of experiments/time_vs_memory.py at tiny sizes (run in-process)."""
+"""experiments/time_vs_memory.py at tiny sizes, through its command line."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
-
-import memory_vs_length as mvl  # noqa: E402
-import time_vs_memory as tvm  # noqa: E402
+from experiments import common
 
 
 def test_quick_run_writes_points_and_the_budget_sweep(tmp_path):
-    argv = ["--quick", "--lengths", "40", "--fractions", "0.0001,0.5,2", "--out", str(tmp_path)]
-    result = tvm.main(argv)
-    rows = {r["method"]: r for r in result["rows"]}
-    for name in mvl.METHOD_NAMES:
-        assert rows[name]["status"] == "ok", rows[name]
-    plain = int(rows[mvl.BASELINE]["temp_bytes"])
+    argv = ["--quick", "--lengths", "40", "--fractions", "0.0001,0.5,2", "--out", tmp_path]
+    common.run("time_vs_memory", argv)
+    table = common.Table(tmp_path / "time_vs_memory.csv", common.MemoryRow)
+    rows = {r.method: r for r in table.read()}
+    for name in common.METHOD_NAMES:
+        assert rows[name].status == "ok", rows[name]
+    plain = rows[common.BASELINE].temp_bytes
     tiny, half, double = (rows[f"bj.Budget({f:.2%} of plain)"] for f in (0.0001, 0.5, 2))
-    assert tiny["status"] == "error" and "would work" in tiny["note"]
+    assert tiny.status == "error" and "would work" in tiny.note
     for row, fraction in ((half, 0.5), (double, 2)):
-        assert row["status"] == "ok" and row["timed"] == "True"
-        assert int(row["temp_bytes"]) <= fraction * plain
-    assert os.path.getsize(result["png"]) > 0
+        assert row.status == "ok" and row.timed
+        assert row.temp_bytes <= fraction * plain
+    assert (tmp_path / "time_vs_memory.png").stat().st_size > 0
     # a re-run skips the length already measured
-    assert tvm.main(argv)["rows"] == result["rows"]
+    before = (tmp_path / "time_vs_memory.csv").read_bytes()
+    common.run("time_vs_memory", argv)
+    assert (tmp_path / "time_vs_memory.csv").read_bytes() == before

@@ -1,15 +1,10 @@
 """experiments/truncation.py: d2l's comparison of truncation strategies (quick run)."""
 
-import csv
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import truncation  # noqa: E402
+from experiments import common
 
 
 @pytest.fixture(scope="module")
@@ -18,48 +13,46 @@ def quick_run(tmp_path_factory):
     # optax's Adam computes ``decay ** count`` (float ** int32), which the
     # suite's strict dtype promotion rejects; the experiment is optax's user.
     with jax.numpy_dtype_promotion("standard"):
-        return out, truncation.main(["--quick", "--out", str(out)])
+        common.run("truncation", ["--quick", "--out", out])
+    bias = common.Table(out / "gradient_bias.csv", common.BiasRow).read()
+    means = common.Table(out / "gradient_mean.csv", common.MeanRow).read()
+    training = common.Table(out / "training.csv", common.TrainingRow).read()
+    return out, bias, means, training
 
 
 def test_regular_truncation_is_biased_and_exact_at_T(quick_run):
-    _, result = quick_run
-    rows = [r for r in result["bias"] if r["strategy"].startswith("Truncate")]
-    by_k = {r["k_or_pi"]: r for r in rows}
+    _, bias, _, _ = quick_run
+    by_k = {r.k_or_pi: r for r in bias if r.strategy.startswith("Truncate")}
     T = max(by_k)
     assert T == 30  # the quick run's length; Truncate(T) is full BPTT
-    assert by_k[T]["rel_error"] < 1e-6 and by_k[T]["cosine"] > 1 - 1e-6
-    shorter = [by_k[k]["rel_error"] for k in sorted(by_k) if k < T]
+    assert by_k[T].rel_error < 1e-6 and by_k[T].cosine > 1 - 1e-6
+    shorter = [by_k[k].rel_error for k in sorted(by_k) if k < T]
     assert min(shorter) > 1e-3  # dropping long-range terms changes the gradient
     assert shorter[0] > shorter[-1]  # the shortest window is the most biased
 
 
 def test_random_truncation_is_unbiased_but_noisy(quick_run):
-    _, result = quick_run
-    rows = [r for r in result["bias"] if r["strategy"].startswith("RandomTruncate")]
+    _, bias, means, _ = quick_run
+    rows = [r for r in bias if r.strategy.startswith("RandomTruncate")]
     assert rows
     for r in rows:
-        curve = result["mean_curves"][r["k_or_pi"]]
-        assert len(curve) == r["samples"] >= 20
+        curve = [m.rel_error_of_mean for m in sorted(means, key=lambda m: m.n) if m.pi == r.k_or_pi]
+        assert len(curve) == r.samples >= 20
         # single draws are off by a lot; their mean converges to the full gradient
-        assert r["rel_error"] > 1e-3
-        assert curve[-1] < 0.5 * r["rel_error"]
-        assert curve[-1] < curve[0]
-        assert -1 <= r["cosine"] <= 1
+        assert r.rel_error > 1e-3
+        assert curve[-1] < 0.5 * r.rel_error
+        assert curve[-1] == r.rel_error_of_mean and curve[-1] < curve[0]
+        assert -1 <= r.cosine <= 1
 
 
 def test_training_curves(quick_run):
-    out, result = quick_run
-    assert [s["strategy"] for s in result["summary"]] == [
-        "full BPTT",
-        "Truncate(5)",
-        "RandomTruncate(0.9)",
-    ]
-    for s in result["summary"]:
-        assert np.isfinite(s["val_perplexity"]) and s["val_perplexity"] < 27
-    rows = list(csv.DictReader((out / "training.csv").read_text().splitlines()))
-    assert len(rows) == 3 * 2  # 40 steps, evaluated every 20
-    for name in ("gradient_bias.csv", "gradient_mean.csv"):
-        assert len((out / name).read_text().splitlines()) > 3
+    out, _, _, training = quick_run
+    strategies = list(dict.fromkeys(r.strategy for r in training))
+    assert strategies == ["full BPTT", "Truncate(5)", "RandomTruncate(0.9)"]
+    assert len(training) == 3 * 2  # 40 steps, evaluated every 20
+    for strategy in strategies:
+        last = [r for r in training if r.strategy == strategy][-1]
+        assert last.step == 40 and np.isfinite(last.val_perplexity) and last.val_perplexity < 27
     assert (out / "truncation.png").stat().st_size > 10_000
 
 
@@ -75,4 +68,4 @@ def test_training_curves(quick_run):
 )
 def test_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        truncation.main(["--quick", "--out", str(tmp_path), *argv])
+        common.run("truncation", ["--quick", "--out", tmp_path, *argv])
