@@ -551,7 +551,7 @@ _ENGINE_BYTES = 2048
 
 
 @register("binomial")
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Binomial(RematStrategy):
     """Griewank and Walther's binomial checkpointing ("revolve"): optimal for its memory.
 
@@ -621,6 +621,10 @@ class Binomial(RematStrategy):
                 f"Binomial(snapshots=...) expects snapshots >= 1 (the first holds init), got {s}"
             )
         object.__setattr__(self, "snapshots", int(s))
+
+    def __repr__(self):
+        extra = "" if self.overlap else ", overlap=False"
+        return f"Binomial(snapshots={self.snapshots}{extra})"
 
     @classmethod
     def examples(cls):
