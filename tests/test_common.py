@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CELLS, assert_trees_close
+from helpers import CELLS
 
 import bpttjax as bj
 from experiments import common
@@ -179,18 +179,13 @@ def test_benchmark_model_is_the_registered_cell(cell):
     """The model's step against the cell's own step and a written-out read-out loss."""
     spec = bj.cells.get(cell)
     params = common.init_model(jax.random.key(0), cell, 3, 5, jnp.float64)
-    xs = jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 3)))
+    xs = jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 3)))  # (T, B, D)
     carry = spec.initial_carry(5, (2,), jnp.float64)
     total = 0.0
     for x in xs:
         carry, h = spec.step(params["cell"], carry, x)
         total += np.mean((np.asarray(h) @ np.asarray(params["W_out"]) - np.asarray(x)) ** 2)
-    got = common.loss(params, xs, cell=cell)
-    np.testing.assert_allclose(got, total / 4, rtol=1e-12)
-    assert_trees_close(
-        jax.grad(common.loss)(params, xs, cell=cell, remat=bj.Nested(2)),
-        jax.grad(common.loss)(params, xs, cell=cell, scan=jax.lax.scan),
-    )
+    np.testing.assert_allclose(common.loss(params, xs, cell=cell), total / 4, rtol=1e-12)
     assert common.carry_bytes(cell, 2, 5, jnp.float32) == 2 * 5 * 4 * spec.carry_arrays
 
 

@@ -49,15 +49,13 @@ def test_truncated_model_never_sees_a_marker(key):
     T, M, k = 12, 4, 3
     params0 = common.adding_params(key, 4, T, "chrono", marker_weights="zero")
     optimizer = optax.adam(1e-2)
-    final = {}
-    for truncate in (None, k):
-        step = common.adding_train_step(optimizer, 8, T, "gap", M, truncate)
-        params, state = params0, optimizer.init(params0)
-        for i in range(5):
-            params, state, _ = step(params, state, jax.random.key(i))
-        final[truncate] = np.asarray(params["cell"]["W_x"][1])
-    assert (final[k] == 0).all()  # zero at init, zero gradient ever since
-    assert np.abs(final[None]).max() > 0  # full BPTT's gradient reaches the markers
+    step = common.adding_train_step(optimizer, 8, T, "gap", M, k)
+    params, state = params0, optimizer.init(params0)
+    for i in range(3):
+        params, state, _ = step(params, state, jax.random.key(i))
+    W_x, W_x0 = np.asarray(params["cell"]["W_x"]), np.asarray(params0["cell"]["W_x"])
+    assert (W_x[1] == 0).all()  # zero at init, zero gradient ever since
+    assert (W_x[0] != W_x0[0]).any()  # while the values' input weights learn
 
 
 def test_files_written(quick_run):

@@ -62,30 +62,22 @@ def test_table_lists_every_method(sweep, capsys):
     assert "×)" in printed and "MB (" in printed
 
 
-def test_fresh_redoes_points_without_duplicates(tmp_path, capsys):
-    argv = ["--lengths", "5", "--methods", "lax.scan,binomial:2", "--out", tmp_path]
+def test_fresh_and_failed_points_are_redone_without_duplicates(tmp_path, capsys):
+    argv = ["--lengths", "5", "--methods", "lax.scan,every_step:dots_saveable", "--out", tmp_path]
     for extra, measured in (([], 2), ([], 0), (["--fresh"], 2)):
         run(*argv, *extra)
         assert f"\n{measured} points measured in" in capsys.readouterr().out
-    got = rows(tmp_path)
-    assert [r.method for r in got] == ["lax.scan", "bj.Binomial(2)"]  # a registry spec
-    assert got[1].status == "ok" and got[1].memory_ratio > 0
-
-
-def test_failed_points_are_redone(tmp_path, capsys):
-    argv = ["--lengths", "5", "--methods", "lax.scan,every_step,nested2", "--out", tmp_path]
-    run(*argv)
     table = common.Table(tmp_path / "memory_vs_length.csv", common.MemoryRow)
-    base, every, nested = table.read()
-    every = dataclasses.replace(every, status="oom", note="compile failed: RESOURCE_EXHAUSTED")
-    nested = dataclasses.replace(nested, status="error", note="compile failed: broke")
-    table.write([base, every, nested])
-    capsys.readouterr()
+    base, spec = table.read()
+    assert (base.method, spec.method) == ("lax.scan", "bj.EveryStep(dots_saveable)")  # a spec
+    assert spec.status == "ok" and spec.memory_ratio > 0
+    # a point that failed is redone, and replaces its row
+    table.write([base, dataclasses.replace(spec, status="oom", note="compile failed: OOM")])
     run(*argv)
-    assert "2 points to measure (1 already in" in capsys.readouterr().out
-    got = table.read()
-    assert [r.method for r in got] == ["lax.scan", "bj.EveryStep", "bj.Nested(2)"]
-    assert {r.status for r in got} == {"ok"} and got[0] == base
+    assert "1 points to measure (1 already in" in capsys.readouterr().out
+    redone = table.read()
+    assert [(r.method, r.status) for r in redone] == [(base.method, "ok"), (spec.method, "ok")]
+    assert redone[0] == base
 
 
 def test_memory_only_points(tmp_path):
