@@ -226,11 +226,11 @@ def binomial_scan(
       f, init, xs, length, reverse, unroll: as ``jax.lax.scan`` (already
         validated; ``length >= 1``). ``unroll`` applies to the forward pass.
       snapshots: ``s >= 1`` stored carries, the first holding ``init``.
+      steps: for tests only, a traced number of steps ``<= length`` to run
+        (one compiled program for many lengths); ``ys`` past it are zeros.
       overlap: let the backward pass recompute the next state while it pulls
         back the current step (two independent computations that XLA may run
         side by side), or run them one after the other.
-      steps: for tests only, a traced number of steps ``<= length`` to run
-        (one compiled program for many lengths); ``ys`` past it are zeros.
 
     Returns:
       ``(carry, ys)`` as ``jax.lax.scan``.
