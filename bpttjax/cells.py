@@ -410,11 +410,11 @@ def initial_carry(
       TypeError: ``hidden_size`` or ``batch_shape`` has the wrong type, or
         ``dtype`` is not floating.
     """
-    if not isinstance(kind, Cell) and kind not in _REGISTRY:
+    cell = _REGISTRY.get(kind) if isinstance(kind, str) else kind
+    if not isinstance(cell, Cell):
         raise ValueError(
             f"initial_carry(kind=...) expects one of {sorted(_REGISTRY)}, got {kind!r}"
         )
-    cell = get(kind)
     H = _check_size("initial_carry", "hidden_size", hidden_size)
     dt = _check_dtype("initial_carry", dtype)
     if isinstance(batch_shape, numbers.Integral) and not isinstance(batch_shape, bool):
