@@ -41,6 +41,7 @@ as JAX traces them, before XLA's own optimizations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import re
 import types
@@ -49,6 +50,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 __all__ = [
@@ -63,6 +65,8 @@ __all__ = [
     "init_gru",
     "init_lstm",
     "initial_carry",
+    "run",
+    "Split",
     "from_nnx",
     "from_linen",
 ]
@@ -300,6 +304,99 @@ def init_lstm(
     return {"W_x": W_x, "W_h": W_h, "b": b}
 
 
+# --- the whole-sequence path --------------------------------------------------------------
+
+
+def _concat_mix(xw: jax.Array, hw: jax.Array) -> jax.Array:
+    return xw + hw
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A step taken apart for the whole-sequence path (:func:`run`).
+
+    ``step(params, carry, x) == elem(elem_args(params), carry, mix(project(params, x),
+    hidden(params, carry)))``, where ``project`` and ``hidden`` are linear in
+    ``params`` (``x @ W_x + b`` and ``h @ W_h``), ``mix`` is linear, and
+    ``elem`` is the elementwise rest of the step. :func:`run` computes the
+    gradients of the parameters that ``project`` and ``hidden`` use as large
+    matrix products over many steps, outside the backward loop.
+
+    Attributes:
+      project: ``project(params, x) -> xw``, the input projection, for ``x``
+        of shape ``(..., D)``.
+      hidden: ``hidden(params, carry) -> hw``, the recurrent projection.
+      mix: ``mix(xw, hw) -> z``, linear; ``z`` is what the step keeps per
+        step for its backward pass (``xw + hw`` for the tanh RNN and LSTM).
+      elem: ``elem(elem_params, carry, z) -> (carry, y)``, elementwise.
+      elem_params: the keys of ``params`` that ``elem`` reads (its gradient
+        for them is summed inside the loop, they are small).
+    """
+
+    project: Callable[[Params, jax.Array], jax.Array]
+    hidden: Callable[[Params, Any], jax.Array]
+    mix: Callable[[jax.Array, jax.Array], jax.Array]
+    elem: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
+    elem_params: tuple[str, ...] = ()
+
+    def elem_args(self, params: Params) -> Params:
+        """The part of ``params`` that ``elem`` reads."""
+        return {k: params[k] for k in self.elem_params}
+
+    def add_elem_grads(self, grads: Params, elem_grads: Params) -> Params:
+        """``grads`` with ``elem``'s parameter gradients added in."""
+        return {k: grads[k] + elem_grads[k] if k in elem_grads else grads[k] for k in grads}
+
+
+def _rnn_elem(_, h, z):
+    h_new = jnp.tanh(z)
+    return h_new, h_new
+
+
+def _gru_mix(xw, hw):
+    x_r, x_z, x_n = jnp.split(xw, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(hw, 3, axis=-1)
+    return jnp.concatenate([x_r + h_r, x_z + h_z, x_n, h_n], axis=-1)
+
+
+def _gru_elem(p, h, z):
+    a_r, a_z, x_n, h_n = jnp.split(z, 4, axis=-1)
+    r = jax.nn.sigmoid(a_r)
+    u = jax.nn.sigmoid(a_z)
+    n = jnp.tanh(x_n + r * _bias(h_n, p["b_hn"]))
+    h_new = (1.0 - u) * n + u * h
+    return h_new, h_new
+
+
+def _lstm_elem(_, carry, z):
+    h, c = carry
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+    return (h_new, c_new), h_new
+
+
+RNN_SPLIT = Split(
+    project=lambda p, x: _bias(x @ p["W_xh"], p["b_h"]),
+    hidden=lambda p, h: h @ p["W_hh"],
+    mix=_concat_mix,
+    elem=_rnn_elem,
+)
+GRU_SPLIT = Split(
+    project=lambda p, x: _bias(x @ p["W_x"], p["b_x"]),
+    hidden=lambda p, h: h @ p["W_h"],
+    mix=_gru_mix,
+    elem=_gru_elem,
+    elem_params=("b_hn",),
+)
+LSTM_SPLIT = Split(
+    project=lambda p, x: _bias(x @ p["W_x"], p["b"]),
+    hidden=lambda p, carry: carry[0] @ p["W_h"],
+    mix=_concat_mix,
+    elem=_lstm_elem,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """A recurrent cell as the registry holds it: its step, its parameters, its carry.
@@ -314,6 +411,8 @@ class Cell:
         1 for a bare ``h``, ``k > 1`` for a tuple (the LSTM's ``(h, c)``).
       gates: blocks of ``hidden_size`` in each projection (1, 3 and 4 for rnn,
         gru and lstm), for cost estimates.
+      split: the step taken apart (:class:`Split`) for :func:`run`'s
+        whole-sequence path; ``None`` runs the step as it is.
 
     Example:
       >>> cell = bj.cells.get("gru")
@@ -326,6 +425,7 @@ class Cell:
     init: Callable[..., Params]
     carry_arrays: int = 1
     gates: int = 1
+    split: Split | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -338,6 +438,8 @@ class Cell:
                 raise TypeError(f"Cell({field}=...) expects a callable, got {value!r}")
         for field in ("carry_arrays", "gates"):
             _check_size("Cell", field, getattr(self, field))
+        if self.split is not None and not isinstance(self.split, Split):
+            raise TypeError(f"Cell(split=...) expects None or a bj.cells.Split, got {self.split!r}")
 
     def initial_carry(
         self, hidden_size: int, batch_shape: tuple[int, ...] = (), dtype: Any = jnp.float32
@@ -384,9 +486,9 @@ def get(name: str | Cell) -> Cell:
     return cell
 
 
-register(Cell("rnn", rnn, init_rnn, carry_arrays=1, gates=1))
-register(Cell("gru", gru, init_gru, carry_arrays=1, gates=3))
-register(Cell("lstm", lstm, init_lstm, carry_arrays=2, gates=4))
+register(Cell("rnn", rnn, init_rnn, carry_arrays=1, gates=1, split=RNN_SPLIT))
+register(Cell("gru", gru, init_gru, carry_arrays=1, gates=3, split=GRU_SPLIT))
+register(Cell("lstm", lstm, init_lstm, carry_arrays=2, gates=4, split=LSTM_SPLIT))
 
 
 def initial_carry(
@@ -430,6 +532,114 @@ def initial_carry(
     if cell.carry_arrays == 1:
         return jnp.zeros(shape, dt)
     return tuple(jnp.zeros(shape, dt) for _ in range(cell.carry_arrays))
+
+
+def run(
+    cell: str | Cell,
+    params: Params,
+    carry: Any,
+    xs: jax.Array,
+    *,
+    remat: Any = None,
+    truncation: Any = None,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    hoist: bool = False,
+) -> tuple[Any, jax.Array]:
+    """Run a registered cell over a whole sequence: ``bj.scan`` of its step, faster.
+
+    The same results, and the same gradients, as
+    ``bj.scan(functools.partial(cell.step, params), carry, xs, reverse=reverse,
+    unroll=unroll, remat=remat, truncation=truncation)``. For a cell with a
+    :class:`Split` (``rnn``, ``gru``, ``lstm``), the steps that ``remat``
+    keeps every residual of (all of them under ``StoreAll``, each innermost
+    block under ``Nested``) run as one block whose backward loop computes
+    only the carry's cotangent; the gradients of the input and recurrent
+    kernels and of the inputs are then a few large matrix products over the
+    block's steps, instead of several ``batch``-row products per step. Other
+    strategies (``EveryStep``, ``Binomial``, ``Budget``, your own) run step
+    by step as ``bj.scan`` does, with the memory bound they state.
+
+    Args:
+      cell: a name in :data:`CELLS` or a :class:`Cell`.
+      params: the cell's parameters (``cell.init(...)``).
+      carry: the initial carry (``cell.initial_carry(...)``).
+      xs: inputs, time-major, shape ``(T, ..., D)``.
+      remat: a rematerialization strategy (default ``bj.StoreAll()``).
+      truncation: ``None``, ``bj.Truncate`` or ``bj.RandomTruncate``.
+      reverse: run from the last step to the first (``ys`` stay aligned with ``xs``).
+      unroll: as in ``jax.lax.scan``.
+      hoist: compute a block's input projection ``x_t W_x + b`` for all its
+        steps in one product before the loop. On a 2-core CPU this was
+        slower for the LSTM (its ``4H`` projected values per step are far
+        more memory traffic than the ``D`` inputs), so it is off by default;
+        the inputs' and ``W_x``'s gradients are one product either way.
+
+    Returns:
+      ``(carry, ys)`` as :func:`bpttjax.scan`.
+
+    Memory: under ``StoreAll`` a block keeps per step the carry and the
+    step's ``z`` (see :class:`Split`: ``H``, ``4H`` and ``4H`` numbers per
+    batch element for rnn, gru and lstm), and its backward pass the
+    cotangents of ``z``; that is no more than plain BPTT keeps. Under
+    ``Nested`` the same holds for one innermost block at a time.
+
+    Transformations: ``grad``, ``jit``, ``vmap`` and ``jvp`` of ``grad`` (a
+    ``jax.custom_vjp``); forward-mode ``jvp`` of ``run`` itself raises
+    JAX's ``custom_vjp`` error; use :func:`bpttjax.scan` with the step for it.
+
+    Raises:
+      ValueError: unknown cell; ``xs`` is not at least 2-D.
+      TypeError: as :func:`bpttjax.scan` for ``remat``, ``truncation``,
+        ``reverse`` and ``unroll``; ``hoist`` not a bool.
+
+    Example:
+      >>> params = init_lstm(jax.random.key(0), 64, 256)
+      >>> carry0 = initial_carry("lstm", 256, batch_shape=(32,))
+      >>> (h_T, c_T), hs = run("lstm", params, carry0, xs, remat=bj.Nested(2))
+    """
+    from . import _fused, _scan
+    from .remat import RematStrategy, StoreAll
+    from .truncation import TruncationStrategy
+
+    cell = get(cell)
+    remat = StoreAll() if remat is None else remat
+    _scan._check_strategy("remat", remat, RematStrategy, _scan._REMAT_EXAMPLES)
+    if truncation is not None:
+        _scan._check_strategy(
+            "truncation", truncation, TruncationStrategy, _scan._TRUNCATION_EXAMPLES
+        )
+    if not isinstance(hoist, bool):
+        raise TypeError(f"run(hoist=...) expects True or False, got {hoist!r}")
+    if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
+        raise ValueError(
+            f"run(xs=...) expects an array of shape (T, ..., input_size), got {_scan._describe(xs)}"
+        )
+    step = functools.partial(cell.step, params)
+    if cell.split is None or xs.shape[0] == 0:
+        return _scan.scan(
+            step, carry, xs, reverse=reverse, unroll=unroll, remat=remat, truncation=truncation
+        )
+    # Everything bj.scan checks, checked by tracing its step once (shapes, carry, options).
+    jax.eval_shape(
+        lambda c, x: _scan.scan(
+            step, c, x, reverse=reverse, unroll=unroll, remat=StoreAll(), truncation=truncation
+        ),
+        carry,
+        xs,
+    )
+    layer = _fused.Layer(
+        cell.split,
+        cell.step,
+        params,
+        jnp.asarray(xs),
+        xs.shape[0],
+        bool(reverse),
+        unroll,
+        truncation,
+        hoist,
+    )
+    return remat.scan_layer(layer, carry)
 
 
 def from_nnx(cell: Any) -> tuple[Step, Any]:

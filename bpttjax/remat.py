@@ -147,6 +147,18 @@ class RematStrategy(abc.ABC):
     def cost(self, length: int, costs: StepCosts) -> Cost:
         """Predicted temp bytes and recomputed steps for ``length`` steps."""
 
+    def scan_layer(self, layer: Any, init: Any) -> tuple[Any, Any]:
+        """Run a whole-sequence layer (:func:`bpttjax.cells.run`) under this strategy.
+
+        ``layer.block(carry, start, n)`` runs steps ``[start, start + n)`` as
+        one block that keeps every residual and computes its weight gradients
+        in bulk; ``layer.scan(strategy, init)`` runs the sequence step by step
+        through :func:`bpttjax.scan`. The default is the latter, which keeps
+        this strategy's memory bound; a strategy that stores whole blocks of
+        steps can hand them to ``layer.block`` instead.
+        """
+        return layer.scan(self, init)
+
 
 _REGISTRY: dict[str, type[RematStrategy]] = {}
 
@@ -240,6 +252,9 @@ class StoreAll(RematStrategy):
 
     def cost(self, length, costs):
         return Cost(length * costs.residual_bytes + costs.overhead_bytes, 0)
+
+    def scan_layer(self, layer, init):
+        return layer.block(init, 0, layer.length)
 
 
 @register("every_step")
@@ -368,13 +383,16 @@ def _index(xs: Any, i: jax.Array) -> Any:
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), xs)
 
 
-def _nested_scan(f, carry, xs, start, n, lengths, reverse, unroll):
+def _nested_scan(f, carry, xs, start, n, lengths, reverse, unroll, leaf=None):
     """Run steps ``[start, start + n)`` of ``f`` with ``len(lengths)`` checkpointed levels.
 
     Steps read their input with a dynamic index into the full ``xs`` instead
     of scanning over a reshaped ``xs``: a reshape into chunks makes XLA copy
-    each level's chunk of inputs into temporary memory.
+    each level's chunk of inputs into temporary memory. ``leaf(carry, start,
+    n)``, if given, runs the innermost blocks instead of a scan of ``f``.
     """
+    if leaf is not None and (len(lengths) == 1 or n == 1):
+        return leaf(carry, start, n)
     if len(lengths) == 1 or n == 1:
 
         def body(c, i):
@@ -386,21 +404,21 @@ def _nested_scan(f, carry, xs, start, n, lengths, reverse, unroll):
     block = math.prod(lengths[1:])
     q, r = divmod(n, block)
     if q == 0:  # fewer steps than one block: descend a level
-        return _nested_scan(f, carry, xs, start, n, lengths[1:], reverse, unroll)
+        return _nested_scan(f, carry, xs, start, n, lengths[1:], reverse, unroll, leaf)
     # Full blocks come first in processing order; the remainder is at the end
     # of the sequence going forward and at its start going backward.
     first = start + r if reverse else start
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def block_fn(c, i):
-        return _nested_scan(f, c, xs, first + i * block, block, lengths[1:], reverse, unroll)
+        return _nested_scan(f, c, xs, first + i * block, block, lengths[1:], reverse, unroll, leaf)
 
     blocks = jnp.arange(q, dtype=jnp.int32)
     carry, ys_full = jax.lax.scan(block_fn, carry, blocks, reverse=reverse)
     ys_rem = None
     if r:
         rem_start = start if reverse else start + q * block
-        carry, ys_rem = _nested_scan(f, carry, xs, rem_start, r, lengths[1:], reverse, unroll)
+        carry, ys_rem = _nested_scan(f, carry, xs, rem_start, r, lengths[1:], reverse, unroll, leaf)
     ys_full = jax.tree.map(lambda y: y.reshape((q * block,) + y.shape[2:]), ys_full)
     if ys_rem is None:
         return carry, ys_full
@@ -521,6 +539,15 @@ class Nested(RematStrategy):
         if length == 0:
             return jax.lax.scan(f, init, xs, length=0, reverse=reverse, unroll=unroll)
         return _nested_scan(f, init, xs, 0, length, lengths, reverse, unroll)
+
+    def scan_layer(self, layer, init):
+        # The innermost blocks, whose residuals Nested keeps, run as whole blocks.
+        x0 = jax.tree.map(lambda a: a[:1], layer.xs)
+        ratio = 1.0 if self.lengths is not None else _residual_ratio(layer.step, init, x0)
+        lengths = self.level_lengths(layer.length, ratio)
+        return _nested_scan(
+            None, init, None, 0, layer.length, lengths, layer.reverse, layer.unroll, layer.block
+        )
 
 
 def _nested_peak(n: int, lengths: tuple[int, ...], C: int, R: int) -> tuple[int, int, int]:

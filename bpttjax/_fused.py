@@ -1,0 +1,186 @@
+"""The whole-sequence path of the library's cells: one recurrence, weight gradients in bulk.
+
+``jax.grad`` of a ``lax.scan`` over a cell's step does, at every step of the
+backward loop, two small matrix products with the recurrent kernel (the
+carry's cotangent, and the kernel's own gradient, added into an
+accumulator) and two with the input kernel. Only the first one is
+recurrent. :class:`Layer` runs a block of steps under a ``jax.custom_vjp``
+whose backward loop does just that product and the elementwise part; it
+stacks the pre-activations' cotangents, and after the loop computes the
+kernels' and the inputs' gradients as a few large matrix products over all
+the steps of the block (``(steps·batch, H)ᵀ @ (steps·batch, k·H)``), which
+run near the machine's matrix-product peak instead of at the speed of
+``batch``-row products.
+
+A cell describes its step to this module as a :class:`~bpttjax.cells.Split`:
+``step(params, carry, x) = elem(params, carry, mix(project(params, x),
+hidden(params, carry)))``, with ``project`` and ``hidden`` linear in the
+parameters and ``mix`` linear. The strategies decide which blocks run this
+way (:meth:`bpttjax.RematStrategy.scan_layer`): ``StoreAll`` runs the whole
+sequence as one block, ``Nested`` its innermost blocks, and the others
+step by step through :func:`bpttjax.scan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._scan import scan as _bj_scan
+
+
+def _flat(tree: Any) -> Any:
+    """Every leaf as a matrix ``(rows, last axis)``: the steps and batch dimensions merged."""
+    return jax.tree.map(lambda a: jnp.reshape(a, (-1, a.shape[-1])), tree)
+
+
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
+
+
+class Layer:
+    """A cell with its parameters, inputs and options, runnable by any strategy.
+
+    Built by :func:`bpttjax.cells.run`; a strategy's ``scan_layer`` calls
+    :meth:`block` for the steps it keeps every residual of, and
+    :meth:`scan` for the rest.
+
+    Attributes:
+      split: the cell's :class:`~bpttjax.cells.Split`.
+      step: the full step ``step(params, carry, x)``.
+      params, xs: the parameters and the time-major inputs.
+      length: the number of steps ``T``.
+      reverse, unroll: as in :func:`bpttjax.scan`.
+      truncation: ``None`` or a truncation strategy.
+      hoist: compute a block's input projection as one product before its loop.
+    """
+
+    def __init__(self, split, step, params, xs, length, reverse, unroll, truncation, hoist):
+        self.split, self.step_fn = split, step
+        self.params, self.xs, self.length = params, xs, length
+        self.reverse, self.unroll = reverse, unroll
+        self.truncation, self.hoist = truncation, hoist
+
+    def step(self, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+        """One step with this layer's parameters: ``f(carry, x)`` for :func:`bpttjax.scan`."""
+        return self.step_fn(self.params, carry, x)
+
+    def scan(self, remat: Any, init: Any) -> tuple[Any, jax.Array]:
+        """The whole sequence step by step under ``remat``, through :func:`bpttjax.scan`."""
+        return _bj_scan(
+            self.step,
+            init,
+            self.xs,
+            reverse=self.reverse,
+            unroll=self.unroll,
+            remat=remat,
+            truncation=self.truncation,
+        )
+
+    def block(self, carry: Any, start: Any, n: int) -> tuple[Any, jax.Array]:
+        """Steps ``[start, start + n)`` (positions in ``xs``) as one block.
+
+        ``start`` may be traced (a block of an outer loop); ``n`` is static.
+        """
+        if isinstance(start, int) and start == 0 and n == self.length:
+            xs = self.xs
+        else:
+            xs = jax.lax.dynamic_slice_in_dim(self.xs, start, n, axis=0)
+        scales = _scales(self, self.truncation, jnp.asarray(start, jnp.int32), n)
+        return _block_vjp(self)(self.params, carry, xs, scales)
+
+
+def _scales(layer: Layer, truncation: Any, start: jax.Array, n: int) -> jax.Array | None:
+    """The truncation factor of the carry entering each step of a block, by position."""
+    if truncation is None:
+        return None
+    pos = start + jnp.arange(n, dtype=jnp.int32)
+    counter = layer.length - 1 - pos if layer.reverse else pos
+    return jax.vmap(truncation._scale)(counter, pos)
+
+
+def _block_vjp(layer: Layer) -> Callable:
+    """``block(params, carry, xs, scales)``: a custom_vjp closing over the layer's functions.
+
+    ``scales`` (``None`` without truncation) are the factors of the carry's
+    cotangent entering each step.
+    """
+    sp = layer.split
+
+    def forward(params, carry, xs, keep: bool):
+        pe = sp.elem_args(params)
+        if layer.hoist:
+            inputs = jnp.reshape(sp.project(params, _flat(xs)), xs.shape[:-1] + (-1,))
+        else:
+            inputs = xs
+
+        def body(c, a):
+            xw = a if layer.hoist else sp.project(params, a)
+            z = sp.mix(xw, sp.hidden(params, c))
+            c_new, y = sp.elem(pe, c, z)
+            return c_new, ((y, c, z) if keep else y)
+
+        return jax.lax.scan(body, carry, inputs, reverse=layer.reverse, unroll=layer.unroll)
+
+    @jax.custom_vjp
+    def block(params, carry, xs, scales):
+        return forward(params, carry, xs, keep=False)
+
+    def block_fwd(params, carry, xs, scales):
+        carry_out, (ys, cs, zs) = forward(params, carry, xs, keep=True)
+        return (carry_out, ys), (params, xs, cs, zs, scales)
+
+    def block_bwd(res, cotangents):
+        params, xs, cs, zs, scales = res
+        d_carry, d_ys = cotangents
+        pe = sp.elem_args(params)
+        # mix is linear: its transpose maps a step's d z to (d xw, d hw)
+        x_spec = jax.eval_shape(sp.project, params, xs[0])
+        h_spec = jax.eval_shape(sp.hidden, params, jax.tree.map(lambda a: a[0], cs))
+        mix_t = jax.linear_transpose(sp.mix, x_spec, h_spec)
+
+        def body(acc, inputs):
+            dc, dpe = acc
+            c, z, dy, s = inputs
+            _, elem_vjp = jax.vjp(sp.elem, pe, c, z)
+            dpe_t, dc_direct, dz = elem_vjp((dc, dy))
+            _, dhw = mix_t(dz)
+            _, hidden_vjp = jax.vjp(lambda c: sp.hidden(params, c), c)
+            (dc_hidden,) = hidden_vjp(dhw)
+            dc = _add(dc_direct, dc_hidden)
+            if s is not None:
+                # an exact zero at a cut, so that it also stops inf/nan, as stop_gradient would
+                dc = jax.tree.map(
+                    lambda a: jnp.where(s == 0, jnp.zeros_like(a), a * s.astype(a.dtype)), dc
+                )
+            return (dc, _add(dpe, dpe_t)), dz
+
+        acc0 = (d_carry, jax.tree.map(jnp.zeros_like, pe))
+        (d_init, d_pe), dzs = jax.lax.scan(
+            body,
+            acc0,
+            (cs, zs, d_ys, scales),
+            reverse=not layer.reverse,
+            unroll=layer.unroll,
+        )
+        # The products over every step of the block, as matrices.
+        dz_flat = _flat(dzs)
+        d_xw, d_hw = jax.linear_transpose(
+            sp.mix,
+            jax.ShapeDtypeStruct(dz_flat.shape[:-1] + x_spec.shape[-1:], x_spec.dtype),
+            jax.ShapeDtypeStruct(dz_flat.shape[:-1] + h_spec.shape[-1:], h_spec.dtype),
+        )(dz_flat)
+        _, hidden_vjp = jax.vjp(lambda p: sp.hidden(p, _flat(cs)), params)
+        (d_params,) = hidden_vjp(d_hw)
+        _, project_vjp = jax.vjp(sp.project, params, _flat(xs))
+        d_params_x, d_xs = project_vjp(d_xw)
+        d_params = _add(d_params, d_params_x)
+        d_params = sp.add_elem_grads(d_params, d_pe)
+        d_scales = None if scales is None else jnp.zeros_like(scales)
+        return d_params, d_init, jnp.reshape(d_xs, xs.shape), d_scales
+
+    block.defvjp(block_fwd, block_bwd)
+    return block
