@@ -2,8 +2,10 @@
 
 The public API is what this module re-exports, plus the documented
 submodules ``bpttjax.cells``, ``bpttjax.diagnostics``, ``bpttjax.memory``,
-``bpttjax.reference``, ``bpttjax.remat`` and ``bpttjax.truncation``. Modules
-whose names start with an underscore are private.
+``bpttjax.reference``, ``bpttjax.remat`` and ``bpttjax.truncation``, and the
+Flax modules ``bpttjax.nnx`` and ``bpttjax.linen`` (imported on first use, so
+that ``import bpttjax`` does not import Flax). Modules whose names start with
+an underscore are private.
 """
 
 from . import budget as budget
@@ -26,3 +28,18 @@ from .truncation import Truncate as Truncate
 from .truncation import TruncationStrategy as TruncationStrategy
 
 __version__ = "0.1.0"
+
+_LAZY = ("nnx", "linen")
+
+
+def __getattr__(name: str):
+    # bj.nnx and bj.linen import Flax (about 0.4 s): only when first used.
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
