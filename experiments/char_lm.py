@@ -1,8 +1,10 @@
 """A character-level language model trained with BPTT (d2l 9.5-9.7).
 
 d2l's recurrent language model: characters are one-hot inputs to a recurrent
-cell (any registered cell of ``bpttjax.cells``, or Flax NNX's version of it
-with ``--impl nnx``), a linear read-out gives the next character's logits, and
+cell (any registered cell of ``bpttjax.cells``; Flax NNX's version of it with
+``--impl nnx``; or Flax NNX's cell inside the drop-in ``bj.nnx.RNN`` module,
+``--remat`` its ``remat=``, with ``--impl nnx-rnn``), a linear read-out gives
+the next character's logits, and
 the loss is the mean cross-entropy over every step of a subsequence of
 ``--num-steps`` characters; ``jax.grad`` through ``bj.scan`` is BPTT over that
 subsequence. Training uses optax (Adam by default) after
@@ -40,6 +42,7 @@ The model, the data and the training loop are ``common.CharModel``,
     python experiments/char_lm.py                      # GRU, 2000 steps, ~2 min
     python experiments/char_lm.py --cell lstm --partition sequential
     python experiments/char_lm.py --corpus timemachine.txt --steps 5000
+    python experiments/char_lm.py --impl nnx-rnn --remat binomial:4
     python experiments/char_lm.py --quick              # seconds; used by the tests
 """
 
@@ -119,7 +122,8 @@ def main(argv=None) -> None:
         text = common.load_text(cfg.corpus, cfg.max_chars)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    name = f"char_lm_{args.cell}" + ("_nnx" if args.impl == "nnx" else "")
+    name = f"char_lm_{args.cell}" + ("" if args.impl == "bpttjax" else "_" + args.impl)
+    name = name.replace("-", "_")
     name += "_sequential" if args.partition == "sequential" else ""
     print(
         f"corpus: {len(text):,} characters, {len(set(text))} tokens; {args.cell} ({args.impl}) "

@@ -1153,7 +1153,9 @@ def format_point(row: MemoryRow | None) -> str:
 
 DTYPE = jnp.float32
 PARTITIONS = ("random", "sequential")
-IMPLS = ("bpttjax", "nnx")
+IMPLS = ("bpttjax", "nnx", "nnx-rnn")
+"""How ``CharModel`` runs its cell: the library's step, Flax NNX's cell stepped by
+``bj.scan``, or Flax NNX's cell inside the drop-in ``bj.nnx.RNN`` module."""
 VAL_FRACTION, VAL_MAX_CHARS = 0.05, 50_000
 
 
@@ -1299,7 +1301,15 @@ def truncation_from_spec(spec: str, key=None):
 
 @dataclasses.dataclass(frozen=True)
 class CharModel:
-    """A registered cell (or Flax NNX's version) and a linear read-out over ``vocab`` tokens."""
+    """A registered cell (or Flax NNX's version) and a linear read-out over ``vocab`` tokens.
+
+    ``impl``: ``"bpttjax"`` steps the registered cell, ``"nnx"`` Flax NNX's cell
+    (the same math) through :func:`bpttjax.cells.from_nnx`, both inside one
+    ``bj.scan`` that also computes each step's loss; ``"nnx-rnn"`` runs Flax
+    NNX's cell over the whole subsequence with ``bj.nnx.RNN`` (the read-out and
+    the loss come after the loop). ``"nnx"`` and ``"nnx-rnn"`` share their
+    parameters' layout, Flax's.
+    """
 
     cell: str
     vocab: int
@@ -1317,12 +1327,22 @@ class CharModel:
         w_out = jax.random.normal(k2, (self.hidden, self.vocab), DTYPE) / math.sqrt(self.hidden)
         return {"cell": cell, "W_out": w_out, "b_out": jnp.zeros((self.vocab,), DTYPE)}
 
-    def _nnx(self, key):
+    def _nnx_module(self, key):
         from flax import nnx
 
         cls = nnx_cell(self.cell)
-        module = cls(self.vocab, self.hidden, rngs=nnx.Rngs(params=key), param_dtype=DTYPE)
-        return bj.cells.from_nnx(module)
+        return cls(self.vocab, self.hidden, rngs=nnx.Rngs(params=key), param_dtype=DTYPE)
+
+    def _nnx(self, key):
+        return bj.cells.from_nnx(self._nnx_module(key))
+
+    def nnx_rnn(self, params, remat=None):
+        """``bj.nnx.RNN`` over Flax's cell holding ``params["cell"]``."""
+        from flax import nnx
+
+        graphdef, state = nnx.split(self._nnx_module(jax.random.key(0)))  # a template
+        nnx.replace_by_pure_dict(state, params["cell"])
+        return bj.nnx.RNN(nnx.merge(graphdef, state), remat=remat or bj.StoreAll(), rngs=False)
 
     def initial_carry(self, batch: int):
         # Flax's cells carry the same arrays (all zeros), LSTM's in the order (c, h)
@@ -1344,6 +1364,12 @@ class CharModel:
 
     def loss(self, params, carry, X, Y, *, remat=None, truncation=None):
         """Mean cross-entropy over ``X, Y: (batch, T)`` and the final carry."""
+        if self.impl == "nnx-rnn":
+            rnn = self.nnx_rnn(params, remat)
+            xs = jax.nn.one_hot(X, self.vocab, dtype=DTYPE)  # (batch, T, vocab)
+            carry, hs = rnn(xs, initial_carry=carry, return_carry=True, truncation=truncation)
+            nll = optax.softmax_cross_entropy_with_integer_labels(self.logits(params, hs), Y)
+            return jnp.mean(nll), carry
         cell = self.cell_step(params)
 
         def step(carry, xy):

@@ -198,16 +198,38 @@ def test_predict(tmp_path, text):
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["--impl", "nnx", "--cell", "lstm", "--partition", "sequential"]]
+    ("extra", "name"),
+    [
+        ([], "char_lm_gru"),
+        (
+            ["--impl", "nnx", "--cell", "lstm", "--partition", "sequential"],
+            "char_lm_lstm_nnx_sequential",
+        ),
+        (["--impl", "nnx-rnn", "--remat", "nested:2", "--steps", "40"], "char_lm_gru_nnx_rnn"),
+    ],
+    ids=["gru", "lstm-nnx-sequential", "gru-nnx-rnn"],
 )
-def test_quick_run_writes_files(tmp_path, extra):
+def test_quick_run_writes_files(tmp_path, extra, name):
     common.run("char_lm", ["--quick", "--out", tmp_path, *extra])
-    name = "char_lm_lstm_nnx_sequential" if extra else "char_lm_gru"
     for suffix in (".csv", ".ckpt", ".png", "_sample.txt"):
         assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
     rows = common.Table(tmp_path / f"{name}.csv", common.EvalRow).read()
-    assert [r.step for r in rows] == [20, 40, 60]  # --quick: 60 steps, evaluated every 20
+    steps = 40 if "--steps" in extra else 60  # --quick: 60 steps, evaluated every 20
+    assert [r.step for r in rows] == list(range(20, steps + 1, 20))
     assert rows[-1].val_perplexity < 0.85 * 27
+
+
+def test_nnx_rnn_impl_is_the_nnx_model():
+    """bj.nnx.RNN over the sequence: the loss and final carry of the per-step scan (LSTM:
+    Flax's carry order (c, h) goes in and comes out; its gradients are test_flax_rnn's)."""
+    X, Y = (
+        jnp.asarray(np.random.default_rng(s).integers(7, size=(2, 6)), jnp.int32) for s in (0, 1)
+    )
+    models = [common.CharModel("lstm", vocab=7, hidden=5, impl=i) for i in ("nnx", "nnx-rnn")]
+    params = models[0].init(jax.random.key(0))
+    carry = (jnp.full((2, 5), 0.3, jnp.float32), jnp.full((2, 5), -0.2, jnp.float32))
+    results = jax.jit(lambda p: [m.loss(p, carry, X, Y) for m in models])(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *results)
 
 
 @pytest.mark.parametrize(
