@@ -168,10 +168,11 @@ def _block_vjp(layer: Layer) -> Callable:
         )
         # The products over every step of the block, as matrices.
         dz_flat = _flat(dzs)
+        rows = jax.tree.leaves(dz_flat)[0].shape[0]
         d_xw, d_hw = jax.linear_transpose(
             sp.mix,
-            jax.ShapeDtypeStruct(dz_flat.shape[:-1] + x_spec.shape[-1:], x_spec.dtype),
-            jax.ShapeDtypeStruct(dz_flat.shape[:-1] + h_spec.shape[-1:], h_spec.dtype),
+            jax.ShapeDtypeStruct((rows,) + x_spec.shape[-1:], x_spec.dtype),
+            jax.ShapeDtypeStruct((rows,) + h_spec.shape[-1:], h_spec.dtype),
         )(dz_flat)
         _, hidden_vjp = jax.vjp(lambda p: sp.hidden(p, _flat(cs)), params)
         (d_params,) = hidden_vjp(d_hw)

@@ -307,7 +307,7 @@ def init_lstm(
 # --- the whole-sequence path --------------------------------------------------------------
 
 
-def _concat_mix(xw: jax.Array, hw: jax.Array) -> jax.Array:
+def _sum_mix(xw: jax.Array, hw: jax.Array) -> jax.Array:
     return xw + hw
 
 
@@ -326,8 +326,10 @@ class Split:
       project: ``project(params, x) -> xw``, the input projection, for ``x``
         of shape ``(..., D)``.
       hidden: ``hidden(params, carry) -> hw``, the recurrent projection.
-      mix: ``mix(xw, hw) -> z``, linear; ``z`` is what the step keeps per
-        step for its backward pass (``xw + hw`` for the tanh RNN and LSTM).
+      mix: ``mix(xw, hw) -> z``, linear; ``z`` (an array or a tuple of
+        them) is what the step keeps per step for its backward pass: ``xw +
+        hw`` for the tanh RNN and LSTM, the reset and update gates'
+        pre-activations with ``x_n`` and ``h_n`` for the GRU.
       elem: ``elem(elem_params, carry, z) -> (carry, y)``, elementwise.
       elem_params: the keys of ``params`` that ``elem`` reads (its gradient
         for them is summed inside the loop, they are small).
@@ -354,15 +356,14 @@ def _rnn_elem(_, h, z):
 
 
 def _gru_mix(xw, hw):
-    x_r, x_z, x_n = jnp.split(xw, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(hw, 3, axis=-1)
-    return jnp.concatenate([x_r + h_r, x_z + h_z, x_n, h_n], axis=-1)
+    # (r and z pre-activations, x_n, h_n) as three arrays: no per-step concatenation
+    H = hw.shape[-1] // 3
+    return xw[..., : 2 * H] + hw[..., : 2 * H], xw[..., 2 * H :], hw[..., 2 * H :]
 
 
 def _gru_elem(p, h, z):
-    a_r, a_z, x_n, h_n = jnp.split(z, 4, axis=-1)
-    r = jax.nn.sigmoid(a_r)
-    u = jax.nn.sigmoid(a_z)
+    a, x_n, h_n = z
+    r, u = jnp.split(jax.nn.sigmoid(a), 2, axis=-1)
     n = jnp.tanh(x_n + r * _bias(h_n, p["b_hn"]))
     h_new = (1.0 - u) * n + u * h
     return h_new, h_new
@@ -379,7 +380,7 @@ def _lstm_elem(_, carry, z):
 RNN_SPLIT = Split(
     project=lambda p, x: _bias(x @ p["W_xh"], p["b_h"]),
     hidden=lambda p, h: h @ p["W_hh"],
-    mix=_concat_mix,
+    mix=_sum_mix,
     elem=_rnn_elem,
 )
 GRU_SPLIT = Split(
@@ -392,7 +393,7 @@ GRU_SPLIT = Split(
 LSTM_SPLIT = Split(
     project=lambda p, x: _bias(x @ p["W_x"], p["b"]),
     hidden=lambda p, carry: carry[0] @ p["W_h"],
-    mix=_concat_mix,
+    mix=_sum_mix,
     elem=_lstm_elem,
 )
 
