@@ -572,9 +572,10 @@ def run(
       unroll: as in ``jax.lax.scan``.
       hoist: compute a block's input projection ``x_t W_x + b`` for all its
         steps in one product before the loop. On a 2-core CPU this was
-        slower for the LSTM (its ``4H`` projected values per step are far
-        more memory traffic than the ``D`` inputs), so it is off by default;
-        the inputs' and ``W_x``'s gradients are one product either way.
+        slower for the GRU and LSTM (their ``3H``/``4H`` projected values
+        per step are far more memory traffic than the ``D`` inputs), so it is
+        off by default; the inputs' and ``W_x``'s gradients are one product
+        either way.
 
     Returns:
       ``(carry, ys)`` as :func:`bpttjax.scan`.
