@@ -203,7 +203,21 @@ def _store(buf: Any, i: jax.Array, value: Any) -> Any:
 
 
 def _stack_zeros(n: int, example: Any) -> Any:
-    return jax.tree.map(lambda a: jnp.zeros((n, *jnp.shape(a)), jnp.result_type(a)), example)
+    """Zeros of shape ``(n, *a.shape)`` for each leaf ``a``, of ``a``'s type on its axes.
+
+    Broadcast from a zero like ``a`` rather than made by ``jnp.zeros``, so the
+    buffer has ``a``'s sharding and varying manual axes: under an explicit
+    mesh (``jax.make_mesh``'s default) an unsharded buffer cannot take a
+    batch-sharded carry (``dynamic_update_slice`` raises a ShardingTypeError),
+    and inside ``jax.shard_map`` a loop whose buffer is not device-varying
+    while its writes are fails to trace.
+    """
+
+    def zeros(a):
+        z = jnp.zeros_like(a, dtype=jnp.result_type(a))
+        return jnp.broadcast_to(z[None], (n, *jnp.shape(a)))
+
+    return jax.tree.map(zeros, example)
 
 
 # --- the engine -----------------------------------------------------------------------
