@@ -105,14 +105,63 @@ def parse(
 ) -> argparse.Namespace:
     """Parse ``argv``; with ``--quick``, ``quick`` replaces the defaults; start ``--backend``.
 
-    Options given explicitly still win over the quick values.
+    Options given explicitly still win over the quick values. A parser with
+    ``--devices`` (:func:`add_devices_option`) asks for that many devices
+    before the backend starts, and exits if JAX has fewer.
     """
     if quick is not None and p.parse_known_args(argv)[0].quick:
         p.set_defaults(**quick)
     args = p.parse_args(argv)
+    devices = getattr(args, "devices", 1)
+    if devices > 1:
+        request_cpu_devices(devices)
     if args.backend is not None:
         select_backend(p, args.backend)
+    if devices > 1 and jax.device_count() < devices:
+        p.error(
+            f"--devices {devices}: JAX has {jax.device_count()} {jax.default_backend()} "
+            f"device(s). On CPU the script asks XLA for {devices} simulated devices, which "
+            "works only before JAX starts: run it as a command, or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"
+        )
     return args
+
+
+_DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def add_devices_option(p: argparse.ArgumentParser) -> None:
+    """``--devices N``: shard the batch over a 1-D mesh of ``N`` devices (:class:`Problem`)."""
+    p.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="shard the batch over a 1-D mesh of N devices and report memory per device "
+        "(default 1); on CPU, N simulated devices are asked of XLA before JAX starts",
+    )
+
+
+def request_cpu_devices(n: int) -> bool:
+    """Ask XLA for at least ``n`` CPU devices, if JAX has not started a backend yet.
+
+    Sets ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` (raising
+    a smaller count already there), which XLA reads when the CPU backend
+    starts; GPU and TPU backends are not affected. Returns False when the
+    backend had already started (then the flag would have no effect).
+    """
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    match = _DEVICE_FLAG.search(flags)
+    wanted = f"--xla_force_host_platform_device_count={n}"
+    if match is None:
+        flags = f"{flags} {wanted}".strip()
+    elif int(match.group(1)) < n:
+        flags = flags.replace(match.group(0), wanted)
+    os.environ["XLA_FLAGS"] = flags
+    return True
 
 
 def select_backend(p: argparse.ArgumentParser, backend: str) -> None:
@@ -360,8 +409,10 @@ class Table(Generic[R]):
     killed run keeps every row it wrote); :meth:`read` returns them as
     ``row`` instances, each cell converted to its field's type (``int``,
     ``float``, ``bool``, ``str``, unions of these; ``None`` is an empty cell).
-    A line cut short by a crash is dropped. A file with other columns is
-    never touched: the script exits saying so.
+    A line cut short by a crash is dropped. A file written before fields
+    with defaults were added at the end of ``row`` is read with those
+    defaults, and gets the new columns when it is next written. A file with
+    other columns is never touched: the script exits saying so.
 
     Example:
       >>> table = Table("results/gradient_flow.csv", FlowRow)
@@ -379,12 +430,21 @@ class Table(Generic[R]):
     def _exists(self) -> bool:
         return os.path.exists(self.path) and os.path.getsize(self.path) > 0
 
-    def _check_columns(self, columns: Sequence[str] | None) -> None:
-        if tuple(columns or ()) != self.fields:
-            raise SystemExit(
-                f"{self.path} has columns {columns}, expected {list(self.fields)}; "
-                "move it away or pass another --out"
-            )
+    def _check_columns(self, columns: Sequence[str] | None) -> int:
+        """How many of the fields the file holds: all, or a prefix with defaults for the rest."""
+        columns = tuple(columns or ())
+        n = len(columns)
+        defaults = {
+            f.name
+            for f in dataclasses.fields(self.row)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+        if n and columns == self.fields[:n] and defaults.issuperset(self.fields[n:]):
+            return n
+        raise SystemExit(
+            f"{self.path} has columns {list(columns)}, expected {list(self.fields)}; "
+            "move it away or pass another --out"
+        )
 
     def read(self) -> list[R]:
         """Every complete row in the file (none if there is no file)."""
@@ -392,8 +452,8 @@ class Table(Generic[R]):
             return []
         with open(self.path, newline="") as fh:
             reader = csv.reader(fh)
-            self._check_columns(next(reader, None))
-            lines = [line for line in reader if len(line) == len(self.fields)]
+            n = self._check_columns(next(reader, None))
+            lines = [line for line in reader if len(line) == n]
         rows = []
         for i, line in enumerate(lines):
             try:
@@ -405,7 +465,7 @@ class Table(Generic[R]):
         return rows
 
     def _parse(self, line: list[str]) -> R:
-        return self.row(*(_from_text(t, h) for t, h in zip(line, self._hints, strict=True)))
+        return self.row(*(_from_text(t, h) for t, h in zip(line, self._hints, strict=False)))
 
     def _lines(self, rows: Iterable[R]) -> list[list[str]]:
         out = []
@@ -425,7 +485,9 @@ class Table(Generic[R]):
             if not complete:  # a line cut by a crash: drop it before appending
                 self.write(self.read())
             with open(self.path, newline="") as fh:
-                self._check_columns(next(csv.reader(fh), None))
+                n = self._check_columns(next(csv.reader(fh), None))
+            if n < len(self.fields):  # an older file: add the new columns
+                self.write(self.read())
         else:
             lines.insert(0, list(self.fields))
         self._write(self.path, "a", lines)
@@ -455,9 +517,11 @@ class Table(Generic[R]):
 class MemoryRow:
     """One line of ``memory_vs_length.csv`` and ``time_vs_memory.csv``: a method at one T.
 
-    Bytes are XLA's plan for the compiled gradient; ``time_ratio`` and
-    ``memory_ratio`` are relative to :data:`BASELINE` in the same run (NaN
-    where there is none); ``status`` is ``ok``, ``oom`` or ``error``.
+    Bytes are XLA's plan for the compiled gradient, per device; ``time_ratio``
+    and ``memory_ratio`` are relative to :data:`BASELINE` in the same run (NaN
+    where there is none); ``status`` is ``ok``, ``oom`` or ``error``;
+    ``devices`` is the number of devices the batch is sharded over (a later
+    column: older files read as 1).
     """
 
     method: str
@@ -482,6 +546,7 @@ class MemoryRow:
     timed: bool = False
     status: str = "ok"
     note: str = ""
+    devices: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,7 +719,12 @@ BASELINE = "lax.scan"
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One point's sizes: ``xs`` has shape ``(T, batch, input)``."""
+    """One point's sizes: ``xs`` has shape ``(T, batch, input)``.
+
+    With ``devices = N > 1`` the batch is sharded over a 1-D mesh of the
+    first ``N`` devices (``jax.jit`` with ``NamedSharding``, GSPMD) and the
+    parameters are replicated; ``batch`` is the global batch.
+    """
 
     cell: str
     T: int
@@ -662,18 +732,52 @@ class Problem:
     input: int
     hidden: int
     dtype: str
+    devices: int = 1
 
     def row(self, method: str) -> MemoryRow:
         """An empty row for ``method`` at this point, on this backend."""
         return MemoryRow(
             method, self.T, self.cell, self.batch, self.input, self.hidden, self.dtype,
             jax.default_backend(), jax.devices()[0].device_kind, jax.__version__,
+            devices=self.devices,
         )  # fmt: skip
 
     def matches(self, row: MemoryRow) -> bool:
         """Whether ``row`` was measured with these sizes on this backend (any T)."""
         mine = (self.cell, self.batch, self.input, self.hidden, self.dtype, jax.default_backend())
-        return mine == (row.cell, row.batch, row.input, row.hidden, row.dtype, row.backend)
+        theirs = (row.cell, row.batch, row.input, row.hidden, row.dtype, row.backend)
+        return mine == theirs and self.devices == row.devices
+
+    def place(self, params: Any, xs: Any) -> tuple[Any, Any]:
+        """``(params, xs)`` as the devices hold them: ``xs`` batch-sharded, ``params`` replicated.
+
+        Arrays are moved there; ``jax.ShapeDtypeStruct`` get the sharding
+        (nothing is allocated). With one device, both are returned as they are.
+        """
+        if self.devices == 1:
+            return params, xs
+        if self.batch % self.devices:
+            raise ValueError(
+                f"the batch ({self.batch}) must be a multiple of the devices ({self.devices})"
+            )
+        devices = jax.devices()[: self.devices]
+        if len(devices) < self.devices:
+            raise ValueError(f"{self.devices} devices asked for, JAX has {len(devices)}")
+        mesh = jax.sharding.Mesh(
+            np.array(devices), ("batch",), axis_types=(jax.sharding.AxisType.Auto,)
+        )
+        spec = jax.sharding.PartitionSpec
+
+        def put(tree, sharding):
+            def one(a):
+                if isinstance(a, jax.ShapeDtypeStruct):
+                    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                return jax.device_put(a, sharding)
+
+            return jax.tree.map(one, tree)
+
+        batch = jax.sharding.NamedSharding(mesh, spec(None, "batch"))
+        return put(params, jax.sharding.NamedSharding(mesh, spec())), put(xs, batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -756,11 +860,14 @@ def _equinox_log2(p: Problem):
 
 
 def _equinox_temp_bytes(p: Problem) -> int:
-    """The working memory of Equinox's default checkpointed scan at ``p`` (compiled, not run)."""
+    """The working memory of Equinox's default checkpointed scan at ``p`` (compiled, not run).
+
+    Per device when ``p`` shards the batch over several.
+    """
     grad_fn, make_params = model_method(scan=_equinox_scan)(p)
     params = jax.eval_shape(make_params, jax.random.key(0))
     xs = jax.ShapeDtypeStruct((p.T, p.batch, p.input), jnp.dtype(p.dtype))
-    return bj.memory.measure(grad_fn, params, xs).temp_bytes
+    return bj.memory.measure(grad_fn, *p.place(params, xs)).temp_bytes
 
 
 def _build_nnx(p: Problem):
@@ -955,18 +1062,27 @@ class Compiled:
 
 
 def compile_and_measure(method: Method, problem: Problem) -> Compiled:
-    """Build ``method`` for ``problem``, compile on abstract inputs, read XLA's memory plan."""
+    """Build ``method`` for ``problem``, compile on abstract inputs, read XLA's memory plan.
+
+    With ``problem.devices > 1`` the inputs are sharded (:meth:`Problem.place`)
+    and the plan is per device.
+    """
     grad_fn, make_params = method.build(problem)
     params = jax.eval_shape(make_params, jax.random.key(0))
     xs = jax.ShapeDtypeStruct((problem.T, problem.batch, problem.input), jnp.dtype(problem.dtype))
     start = time.perf_counter()
-    report = bj.memory.measure(grad_fn, params, xs)
+    report = bj.memory.measure(grad_fn, *problem.place(params, xs))
     return Compiled(grad_fn, make_params, report, time.perf_counter() - start)
 
 
-def prepare_timing(point: Compiled, xs: jax.Array) -> Callable[[], Any]:
-    """Real parameters, the compiled gradient and one warm-up call; returns a timed thunk."""
+def prepare_timing(point: Compiled, xs: jax.Array, place=None) -> Callable[[], Any]:
+    """Real parameters, the compiled gradient and one warm-up call; returns a timed thunk.
+
+    ``place(params, xs)``, if given, puts both on the devices (:meth:`Problem.place`).
+    """
     params = point.make_params(jax.random.key(0))
+    if place is not None:
+        params, xs = place(params, xs)
     compiled = jax.jit(point.grad_fn).lower(params, xs).compile()
     jax.block_until_ready(compiled(params, xs))
     return lambda: jax.block_until_ready(compiled(params, xs))
@@ -1022,7 +1138,7 @@ def _time_points(p: Problem, points: dict, rows: dict, repeats: int, bar) -> Non
     for name, point in points.items():
         bar.set_postfix_str(f"T={p.T} warm up {name}")
         try:
-            calls[name] = prepare_timing(point, xs)
+            calls[name] = prepare_timing(point, xs, p.place)
         except Exception as err:  # noqa: BLE001
             _fail(rows[name], "warm-up failed", err)
 

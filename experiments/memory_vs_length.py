@@ -33,6 +33,18 @@ kind="checkpointed")``) at its default number of checkpoints (about
 ``sqrt(2T)``) and at ``ceil(log2 T)``. ``--methods`` also takes any strategy
 the registry reads (``binomial:14``).
 
+**Several devices.** ``--devices N`` shards the batch over a 1-D mesh of the
+first ``N`` devices (``jax.jit`` with a ``NamedSharding`` on the batch axis of
+``xs``, parameters replicated; ``--batch`` stays the global batch and must be
+a multiple of ``N``), and every byte count is then per device: XLA's memory
+plan of a partitioned program is the program one device runs. On CPU the
+script asks XLA for ``N`` simulated devices by setting
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts its
+backend (when run as a command; a process that has already started JAX with
+fewer devices exits saying so). Simulated devices share the host's cores, so
+their times mean little: use ``--no-time``. ``--table`` adds a per-device
+table when the CSV holds several device counts.
+
 Rows go to ``<out>/memory_vs_length.csv`` as soon as every method at one ``T``
 is done, so an interrupted run leaves a valid CSV; a re-run skips the points
 already there with status ``ok`` (``--fresh`` redoes them). The plot is
@@ -41,6 +53,9 @@ already there with status ``ok`` (``--fresh`` redoes them). The plot is
     python experiments/memory_vs_length.py                   # default sweep
     python experiments/memory_vs_length.py --cell lstm --lengths 1000,10000
     python experiments/memory_vs_length.py --table           # README table
+    for n in 1 2 4 8; do                                     # per-device memory
+      python experiments/memory_vs_length.py --devices $n --no-time --lengths 1000,10000
+    done
 """
 
 from __future__ import annotations
@@ -109,6 +124,7 @@ def build_parser():
         default=DEFAULT_MAX_TIME_LENGTH,
         help=f"measure only memory for T above this (default {DEFAULT_MAX_TIME_LENGTH})",
     )
+    common.add_devices_option(p)
     p.add_argument("--table", action="store_true", help="print the README table and exit")
     p.add_argument("--no-time", action="store_true", help="measure memory only")
     return p
@@ -157,6 +173,38 @@ def markdown_table(rows, lengths=None) -> str:
     return "\n".join(lines)
 
 
+def devices_table(rows, lengths=None) -> str:
+    """Per-device temp at each device count: ``temp MB (share of the one-device temp)``.
+
+    Methods and lengths down, device counts across; ``rows`` hold one
+    configuration at several device counts (all of them when ``lengths`` is None).
+    """
+    by_key = {(r.method, r.T, r.devices): r for r in rows if r.status == "ok"}
+    counts = sorted({r.devices for r in rows})
+    present = sorted({r.T for r in rows})
+    lengths = [T for T in (lengths or present) if T in present]
+    names = [n for n in common.method_order(rows) if any(k[0] == n for k in by_key)]
+    lines = [
+        "| method | T | " + " | ".join(f"N = {n}" for n in counts) + " |",
+        "| --- | --- |" + " --- |" * len(counts),
+    ]
+    for T in lengths:
+        for name in names:
+            one = by_key.get((name, T, 1))
+            cells = []
+            for n in counts:
+                r = by_key.get((name, T, n))
+                if r is None:
+                    cells.append("")
+                elif one is None or n == 1 or not one.temp_bytes:
+                    cells.append(common._mb(r.temp_bytes))
+                else:
+                    share = r.temp_bytes / one.temp_bytes
+                    cells.append(f"{common._mb(r.temp_bytes)} ({share:.0%})")
+            lines.append(f"| {name} | {T:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows, path: str, title: str) -> None:
     plt = common.pyplot()
     ok = [r for r in rows if r.status == "ok"]
@@ -195,17 +243,32 @@ def print_table(table, problem, lengths) -> None:
     """``--table``: the README table of this configuration's rows."""
     if not os.path.exists(table.path):
         raise SystemExit(f"no results at {table.path}: run the sweep first")
-    rows = [r for r in table.read() if problem.matches(r) and (not lengths or r.T in lengths)]
+    every = table.read()
+    rows = [r for r in every if problem.matches(r) and (not lengths or r.T in lengths)]
     if not rows:
         raise SystemExit(f"{table.path} has no rows for this configuration ({problem})")
     print(markdown_table(rows, lengths))
+    # the same configuration at every device count
+    same = [
+        r
+        for r in every
+        if dataclasses.replace(problem, devices=r.devices).matches(r)
+        and (not lengths or r.T in lengths)
+    ]
+    if len({r.devices for r in same}) > 1:
+        print("\nPer-device temp (share of the one-device temp):\n")
+        print(devices_table(same, lengths))
 
 
 def main(argv=None) -> None:
     args = common.parse(build_parser(), argv, QUICK)
     if args.dtype == "float64" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
-    problem = common.Problem(args.cell, 0, args.batch, args.input, args.hidden, args.dtype)
+    problem = common.Problem(
+        args.cell, 0, args.batch, args.input, args.hidden, args.dtype, args.devices
+    )
+    if args.batch % args.devices:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of --devices {args.devices}")
     table = common.Table(os.path.join(args.out, CSV_NAME), common.MemoryRow)
     if args.table:
         return print_table(table, problem, args.lengths)
@@ -221,8 +284,9 @@ def main(argv=None) -> None:
         raise
     rows = [r for r in table.read() if problem.matches(r) and r.T in lengths]
     png = os.path.join(args.out, PNG_NAME)
+    on = f", batch sharded over {args.devices} devices (per device)" if args.devices > 1 else ""
     title = (
-        f"{args.cell}, B={args.batch}, D={args.input}, H={args.hidden}, {args.dtype}, "
+        f"{args.cell}, B={args.batch}, D={args.input}, H={args.hidden}, {args.dtype}{on}, "
         f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
     )
     if rows:
