@@ -496,7 +496,8 @@ def main(argv: list[str]) -> int:
         except Exception as err:  # noqa: BLE001 - reported, the others go on
             took = time.perf_counter() - t0
             if known:
-                print(f"known failure  {name}  ({took:.1f} s): {type(err).__name__}", flush=True)
+                said = " ".join(str(err).split())[:160]
+                print(f"known failure  {name}  ({took:.1f} s): {type(err).__name__}: {said}")
                 continue
             failed.append(name)
             print(f"FAIL  {name}  ({took:.1f} s)", flush=True)
