@@ -41,6 +41,23 @@ def _add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
+def _mix_transpose(mix: Callable, dz: Any, x_width: int, h_width: int) -> tuple:
+    """``(d xw, d hw)`` from ``d z``: the transpose of the linear ``mix``.
+
+    Taken as the VJP of ``mix`` at zeros made from ``dz`` itself, so that they
+    have its sharding (an explicit mesh) and its varying axes (``shard_map``),
+    which abstract shapes would not carry.
+    """
+    ref = jax.tree.leaves(dz)[0]
+    zero = jnp.zeros_like(ref[..., :1])
+
+    def zeros(width):
+        return jnp.broadcast_to(zero, ref.shape[:-1] + (width,))
+
+    _, mix_vjp = jax.vjp(mix, zeros(x_width), zeros(h_width))
+    return mix_vjp(dz)
+
+
 class Layer:
     """A cell with its parameters, inputs and options, runnable by any strategy.
 
@@ -137,17 +154,15 @@ def _block_vjp(layer: Layer) -> Callable:
         params, xs, cs, zs, scales = res
         d_carry, d_ys = cotangents
         pe = sp.elem_args(params)
-        # mix is linear: its transpose maps a step's d z to (d xw, d hw)
-        x_spec = jax.eval_shape(sp.project, params, xs[0])
-        h_spec = jax.eval_shape(sp.hidden, params, jax.tree.map(lambda a: a[0], cs))
-        mix_t = jax.linear_transpose(sp.mix, x_spec, h_spec)
+        x_width = jax.eval_shape(sp.project, params, xs[0]).shape[-1]
+        h_width = jax.eval_shape(sp.hidden, params, jax.tree.map(lambda a: a[0], cs)).shape[-1]
 
         def body(acc, inputs):
             dc, dpe = acc
             c, z, dy, s = inputs
             _, elem_vjp = jax.vjp(sp.elem, pe, c, z)
             dpe_t, dc_direct, dz = elem_vjp((dc, dy))
-            _, dhw = mix_t(dz)
+            _, dhw = _mix_transpose(sp.mix, dz, x_width, h_width)
             _, hidden_vjp = jax.vjp(lambda c: sp.hidden(params, c), c)
             (dc_hidden,) = hidden_vjp(dhw)
             dc = _add(dc_direct, dc_hidden)
@@ -166,17 +181,14 @@ def _block_vjp(layer: Layer) -> Callable:
             reverse=not layer.reverse,
             unroll=layer.unroll,
         )
-        # The products over every step of the block, as matrices.
-        dz_flat = _flat(dzs)
-        rows = jax.tree.leaves(dz_flat)[0].shape[0]
-        d_xw, d_hw = jax.linear_transpose(
-            sp.mix,
-            jax.ShapeDtypeStruct((rows,) + x_spec.shape[-1:], x_spec.dtype),
-            jax.ShapeDtypeStruct((rows,) + h_spec.shape[-1:], h_spec.dtype),
-        )(dz_flat)
-        _, hidden_vjp = jax.vjp(lambda p: sp.hidden(p, _flat(cs)), params)
+        # The products over every step of the block. On one device as matrices
+        # (steps and batch merged: XLA's CPU products are fastest so); on several,
+        # over the stacks as they are, so that a sharded batch stays sharded.
+        flat = _flat if jax.device_count() == 1 else (lambda tree: tree)
+        d_xw, d_hw = _mix_transpose(sp.mix, flat(dzs), x_width, h_width)
+        _, hidden_vjp = jax.vjp(lambda p: sp.hidden(p, flat(cs)), params)
         (d_params,) = hidden_vjp(d_hw)
-        _, project_vjp = jax.vjp(sp.project, params, _flat(xs))
+        _, project_vjp = jax.vjp(sp.project, params, flat(xs))
         d_params_x, d_xs = project_vjp(d_xw)
         d_params = _add(d_params, d_params_x)
         d_params = sp.add_elem_grads(d_params, d_pe)

@@ -301,21 +301,6 @@ for i, (sid, remat) in enumerate(STRATEGIES.items()):
 
 # --- bj.cells.run, the whole-sequence layer -----------------------------------------------
 
-_FUSED_RESHAPE = (
-    "bpttjax/_fused.py merges the step and batch axes with a reshape "
-    "(_flat: (T, B, k) -> (T*B, k)) that a batch-sharded array cannot take under an "
-    "explicit mesh (ShardingTypeError: 'This reshape is not supported')"
-)
-_FUSED_TYPES = (
-    "bpttjax/_fused.py transposes mix with jax.linear_transpose on ShapeDtypeStructs "
-    "that carry neither the sharding nor the varying axes of the cotangents (TypeError: "
-    "'cotangent type does not match function output')"
-)
-_FUSED_GSPMD = (
-    "bpttjax/_fused.py's bulk products over (T*B) rows lose the batch sharding under "
-    "GSPMD: the gradient of xs comes back replicated"
-)
-
 
 def check_run_auto(remat, cell: str, truncation: str) -> None:
     """``bj.cells.run`` under ``jax.jit`` of a batch-sharded input (1-D mesh, GSPMD)."""
@@ -350,22 +335,18 @@ def check_run_explicit(remat, cell: str, truncation: str) -> None:
 _RUN = {"StoreAll": bj.StoreAll(), "Nested-2": bj.Nested(2)}
 for j, (sid, remat) in enumerate(_RUN.items()):
     cell, tr = CELLS[j], ROTATION[j]
-    known = _FUSED_GSPMD if sid == "StoreAll" else None
-    check(f"run, jit 1-D GSPMD | {sid} | {cell} | {tr}", known)(
+    check(f"run, jit 1-D GSPMD | {sid} | {cell} | {tr}")(
         functools.partial(check_run_auto, remat, cell, tr)
     )
     cell, tr = CELLS[j + 1], ROTATION[j + 1]
-    known = _FUSED_RESHAPE if sid == "StoreAll" else _FUSED_TYPES
-    check(f"run, jit 1-D explicit | {sid} | {cell} | {tr}", known)(
+    check(f"run, jit 1-D explicit | {sid} | {cell} | {tr}")(
         functools.partial(check_run_explicit, remat, cell, tr)
     )
     for vma in (True, False):
         name = f"run, shard_map+pmean{'' if vma else ' (check_vma=False)'} | {sid} | {cell} | {tr}"
-        known = _FUSED_TYPES if vma else None
-        check(name, known)(functools.partial(check_shard_map, remat, cell, tr, vma, layer=True))
+        check(name)(functools.partial(check_shard_map, remat, cell, tr, vma, layer=True))
     cell, tr = ("rnn", "lstm")[j], ROTATION[(j + 2) % 3]
-    known = _FUSED_GSPMD if sid == "StoreAll" else None
-    check(f"run, jit 2-D GSPMD | {sid} | {cell} | {tr}", known)(
+    check(f"run, jit 2-D GSPMD | {sid} | {cell} | {tr}")(
         functools.partial(check_mesh_2d, remat, cell, tr, False, layer=True)
     )
 
