@@ -37,6 +37,24 @@ def check_strategies(owner: str, remat: Any, truncation: Any) -> None:
         raise TypeError(str(err).replace("scan(", f"{owner}(", 1)) from None
 
 
+def call_options(
+    module: Any, return_carry, time_major, reverse, keep_order, remat, truncation
+) -> tuple:
+    """A call's options, each ``None`` (``UNSET`` for ``truncation``) taken from ``module``.
+
+    Returns ``(return_carry, time_major, reverse, keep_order, remat,
+    truncation)``, after checking the two strategies.
+    """
+    return_carry = module.return_carry if return_carry is None else return_carry
+    time_major = module.time_major if time_major is None else time_major
+    reverse = module.reverse if reverse is None else reverse
+    keep_order = module.keep_order if keep_order is None else keep_order
+    remat = module.remat if remat is None else remat
+    truncation = module.truncation if truncation is UNSET else truncation
+    check_strategies("RNN.__call__", remat, truncation)
+    return return_carry, time_major, reverse, keep_order, remat, truncation
+
+
 def feature_axes(cell: Any) -> int:
     """``cell.num_feature_axes``; 1 where the cell does not say (most cells)."""
     try:

@@ -159,13 +159,9 @@ class RNN(nn.Module):
           ``outputs`` with the time axis where ``inputs`` has it, or
           ``(carry, outputs)`` with ``return_carry``.
         """
-        return_carry = self.return_carry if return_carry is None else return_carry
-        time_major = self.time_major if time_major is None else time_major
-        reverse = self.reverse if reverse is None else reverse
-        keep_order = self.keep_order if keep_order is None else keep_order
-        remat = self.remat if remat is None else remat
-        truncation = self.truncation if truncation is _flax.UNSET else truncation
-        _flax.check_strategies("RNN.__call__", remat, truncation)
+        return_carry, time_major, reverse, keep_order, remat, truncation = _flax.call_options(
+            self, return_carry, time_major, reverse, keep_order, remat, truncation
+        )
 
         n_features = _flax.feature_axes(self.cell)
         axis = _flax.time_axis(inputs, n_features, time_major)
