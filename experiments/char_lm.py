@@ -44,6 +44,7 @@ The model, the data and the training loop are ``common.CharModel``,
     python experiments/char_lm.py --corpus timemachine.txt --steps 5000
     python experiments/char_lm.py --impl nnx-rnn --remat binomial:4
     python experiments/char_lm.py --quick              # seconds; used by the tests
+    python experiments/char_lm.py --quick --devices 8  # data-parallel on 8 (simulated) devices
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_remat_option(p, "store_all")
     p.add_argument("--seed", type=common.non_negative_int, default=0)
+    p.add_argument(
+        "--devices",
+        type=common.positive_int,
+        default=1,
+        help="data-parallel over N devices (the batch sharded by rows, parameters "
+        "replicated); on CPU, N simulated devices are asked of XLA before JAX starts",
+    )
     p.add_argument("--eval-every", type=common.positive_int, default=100)
     p.add_argument("--prefix", default="the time traveller")
     p.add_argument("--num-preds", type=common.non_negative_int, default=100)
@@ -130,9 +138,11 @@ def main(argv=None) -> None:
         f"hidden {args.hidden}, batch {args.batch} x {args.num_steps} steps, {args.partition} "
         f"partitioning, truncation {args.truncation}, {jax.default_backend()}"
     )
+    if args.batch % args.devices:
+        p.error(f"--batch {args.batch} must be a multiple of --devices {args.devices}")
     run = common.train_char_lm(
         cfg, steps=args.steps, out=args.out, name=name, eval_every=args.eval_every,
-        fresh=args.fresh, text=text,
+        fresh=args.fresh, text=text, devices=args.devices,
     )  # fmt: skip
     sample = common.predict_text(
         run.model, run.params, run.vocab, args.prefix, args.num_preds,

@@ -1646,6 +1646,7 @@ def train_char_lm(
     eval_every: int = 100,
     fresh: bool = False,
     text: str | None = None,
+    devices: int = 1,
 ) -> CharRun:
     """Train (or resume) a character model for ``steps`` steps.
 
@@ -1653,7 +1654,11 @@ def train_char_lm(
     (atomically), then an :class:`EvalRow` is appended to ``out/name.csv``. An
     existing checkpoint with the same configuration and text is resumed unless
     ``fresh``; one with another configuration or text is an error (nothing is
-    overwritten).
+    overwritten). ``devices > 1`` trains data-parallel: each minibatch and the
+    carried state are sharded by rows over a mesh of the first ``devices``
+    devices and the parameters and optimizer state are replicated (``jax.jit``
+    sums the gradient across devices); the device count is not part of the
+    configuration, so a run may resume on another count.
     """
     text = load_text(cfg.corpus, cfg.max_chars) if text is None else text
     vocab = Vocab.build(text)
@@ -1672,9 +1677,23 @@ def train_char_lm(
     restored = None if fresh else ckpt.restore(state)
     rows = [] if restored is None else [r for r in table.read() if r.step <= restored["step"]]
     table.write(rows)  # drops rows written after the checkpoint
-    loop = _CharLoop(model, cfg, train_step, ckpt, table, tokens, name)
+    loop = _CharLoop(model, cfg, train_step, ckpt, table, tokens, name, _data_parallel(devices))
     params = loop.run(restored or state, steps, eval_every, rows)
     return CharRun(model, params, vocab, rows)
+
+
+def _data_parallel(devices: int) -> tuple[Callable, Callable]:
+    """``(by_rows, replicated)``: an array's rows spread over ``devices``, or a copy on each."""
+    if devices == 1:
+        return (lambda a: a), (lambda a: a)
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh(
+        (devices,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:devices]
+    )
+    rows, copies = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    return (lambda a: jax.device_put(a, rows)), (lambda a: jax.device_put(a, copies))
 
 
 @dataclasses.dataclass
@@ -1686,11 +1705,14 @@ class _CharLoop:
     table: Table
     tokens: tuple[np.ndarray, np.ndarray]
     name: str
+    placement: tuple[Callable, Callable] = ((lambda a: a), (lambda a: a))
 
     def run(self, state: dict, steps: int, eval_every: int, rows: list[EvalRow]):
         """Train from ``state`` to ``steps``, appending to ``rows``; the final parameters."""
         cfg, model = self.cfg, self.model
-        params, opt_state, carry = state["params"], state["opt_state"], state["carry"]
+        by_rows, replicated = self.placement
+        params, opt_state = replicated(state["params"]), replicated(state["opt_state"])
+        carry = by_rows(state["carry"])
         start = int(state["step"])
         elapsed0 = rows[-1].seconds if rows else 0.0
         t0, nlls = time.perf_counter(), []
@@ -1699,10 +1721,11 @@ class _CharLoop:
             for step in range(start, steps):
                 X, Y, reset = minibatch(self.tokens[0], step, **kw)
                 if reset:
-                    carry = model.initial_carry(cfg.batch)
+                    carry = by_rows(model.initial_carry(cfg.batch))
                 params, opt_state, carry, nll = self.train_step(
-                    params, opt_state, carry, jnp.asarray(X), jnp.asarray(Y), jnp.int32(step)
-                )
+                    params, opt_state, carry, by_rows(jnp.asarray(X)), by_rows(jnp.asarray(Y)),
+                    jnp.int32(step),
+                )  # fmt: skip
                 nlls.append(float(nll))
                 if not math.isfinite(nlls[-1]):
                     raise FloatingPointError(f"{self.name}: loss is {nlls[-1]} at step {step}")

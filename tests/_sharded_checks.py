@@ -33,6 +33,7 @@ every program compiled once:
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import io
 import os
@@ -52,6 +53,7 @@ common.request_cpu_devices(DEVICES)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from helpers import STRATEGIES, assert_trees_close  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -459,6 +461,29 @@ def check_benchmark_devices():
                 assert says in f"{exit.code} {err.getvalue()}", (exit.code, err.getvalue())
             else:
                 raise AssertionError(f"--devices {n} did not exit")
+
+
+# --- data-parallel training ---------------------------------------------------------------
+
+
+@check("char_lm.py --devices 8: the single-device curve, and a resumed run continues it")
+def check_char_lm_devices():
+    def curve(out: str, *extra: str) -> list[tuple[float, float]]:
+        # the script as a user runs it: JAX's default (not the checks' strict) promotion
+        with jax.numpy_dtype_promotion("standard"):
+            common.run("char_lm", ["--quick", "--num-preds", "1", "--out", out, *extra])
+        with open(os.path.join(out, "char_lm_gru.csv"), newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        return [(float(r["train_perplexity"]), float(r["val_perplexity"])) for r in rows]
+
+    with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as eight:
+        want = curve(one)  # 60 steps, evaluated every 20, on one device
+        curve(eight, "--devices", "8", "--steps", "40")  # stopped after 40 steps
+        got = curve(eight, "--devices", "8")  # resumes from the checkpoint at 40
+    assert len(got) == len(want) == 3, (got, want)
+    # float32 rounding: the batch's mean is summed in another order across devices
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    print(f"    perplexities on 8 devices {got[-1]}, on one {want[-1]}")
 
 
 # --- the runner ---------------------------------------------------------------------------
