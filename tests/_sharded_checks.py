@@ -159,6 +159,23 @@ def on_mesh(tree, sharding_of):
     return jax.tree.map(lambda a: jax.device_put(a, sharding_of(a)), tree)
 
 
+def batch_on_mesh(mesh, params, h0, xs):
+    """Parameters replicated, the carry's and the inputs' batch axis on ``"data"``."""
+    return (
+        on_mesh(params, lambda a: NamedSharding(mesh, P())),
+        on_mesh(h0, lambda a: NamedSharding(mesh, P("data"))),
+        on_mesh(xs, lambda a: NamedSharding(mesh, P(None, "data"))),
+    )
+
+
+def assert_batch_sharded(carry, ys, g_h0, g_xs) -> None:
+    """The outputs and the carry's and inputs' gradients keep the batch on ``"data"``."""
+    assert_specs(carry, ("data",), "carry")
+    assert_specs(ys, (None, "data"), "ys")
+    assert_specs(g_h0, ("data",), "grad h0")
+    assert_specs(g_xs, (None, "data"), "grad xs")
+
+
 # --- bj.scan under every strategy and truncation ------------------------------------------
 
 ROTATION = list(TRUNCATIONS)
@@ -196,15 +213,10 @@ def check_jit_1d(remat, cell: str, truncation: str) -> None:
     params, h0, xs = problem(cell)
     loss = loss_fn(cell, binding(remat, cell), TRUNCATIONS[truncation])
     with jax.set_mesh(mesh):
-        params = on_mesh(params, lambda a: NamedSharding(mesh, P()))
-        h0 = on_mesh(h0, lambda a: NamedSharding(mesh, P("data")))
-        xs = on_mesh(xs, lambda a: NamedSharding(mesh, P(None, "data")))
+        params, h0, xs = batch_on_mesh(mesh, params, h0, xs)
         got = jax.jit(value_and_grads(loss))(params, h0, xs)
     (_, (carry, ys)), (g_params, g_h0, g_xs) = got
-    assert_specs(carry, ("data",), "carry")
-    assert_specs(ys, (None, "data"), "ys")
-    assert_specs(g_h0, ("data",), "grad h0")
-    assert_specs(g_xs, (None, "data"), "grad xs")
+    assert_batch_sharded(carry, ys, g_h0, g_xs)
     assert_specs(g_params, (), "grad params")
     assert_like_reference(got, cell, truncation)
 
@@ -308,17 +320,12 @@ def check_run_auto(remat, cell: str, truncation: str) -> None:
     """``bj.cells.run`` under ``jax.jit`` of a batch-sharded input (1-D mesh, GSPMD)."""
     mesh = mesh_1d(AxisType.Auto)
     params, h0, xs = problem(cell)
-    params = on_mesh(params, lambda a: NamedSharding(mesh, P()))
-    h0 = on_mesh(h0, lambda a: NamedSharding(mesh, P("data")))
-    xs = on_mesh(xs, lambda a: NamedSharding(mesh, P(None, "data")))
+    params, h0, xs = batch_on_mesh(mesh, params, h0, xs)
     loss = loss_fn(cell, remat, TRUNCATIONS[truncation], layer=True)
     got = jax.jit(value_and_grads(loss))(params, h0, xs)
     assert_like_reference(got, cell, truncation)
     (_, (carry, ys)), (_, g_h0, g_xs) = got
-    assert_specs(carry, ("data",), "carry")
-    assert_specs(ys, (None, "data"), "ys")
-    assert_specs(g_h0, ("data",), "grad h0")
-    assert_specs(g_xs, (None, "data"), "grad xs")
+    assert_batch_sharded(carry, ys, g_h0, g_xs)
 
 
 def check_run_explicit(remat, cell: str, truncation: str) -> None:
@@ -326,9 +333,7 @@ def check_run_explicit(remat, cell: str, truncation: str) -> None:
     mesh = mesh_1d()
     params, h0, xs = problem(cell)
     with jax.set_mesh(mesh):
-        params = on_mesh(params, lambda a: NamedSharding(mesh, P()))
-        h0 = on_mesh(h0, lambda a: NamedSharding(mesh, P("data")))
-        xs = on_mesh(xs, lambda a: NamedSharding(mesh, P(None, "data")))
+        params, h0, xs = batch_on_mesh(mesh, params, h0, xs)
         loss = loss_fn(cell, remat, TRUNCATIONS[truncation], layer=True)
         got = jax.jit(value_and_grads(loss))(params, h0, xs)
     assert_like_reference(got, cell, truncation)
