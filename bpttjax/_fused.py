@@ -67,7 +67,8 @@ class Layer:
 
     Attributes:
       split: the cell's :class:`~bpttjax.cells.Split`.
-      step: the full step ``step(params, carry, x)``.
+      step_fn: the full step ``step_fn(params, carry, x)`` (:meth:`step` binds
+        the parameters).
       params, xs: the parameters and the time-major inputs.
       length: the number of steps ``T``.
       reverse, unroll: as in :func:`bpttjax.scan`.
