@@ -391,23 +391,31 @@ def _scan_bwd(spec, closed, residuals, cotangents):
     g_consts, g_carry, g_x = last_vjp(_split_diff(ct_carry)[0], _index(ct_ys, idx(n - 1)))
     xs_bar = None if xs is None else _store(_stack_zeros(length, g_x), idx(n - 1), g_x)
 
-    def segment(seg):
-        """Advance from the newest snapshot to the next split; store it if needed."""
-        e, k, buf, pos, cur, state = seg
-        m = _split_traced(e - cur, snapshots - k)
-        state = jax.lax.fori_loop(cur, cur + m, lambda t, c: step(c, t), state)
-        cur = cur + m
-        push = e - cur > 1
-        k = jnp.minimum(k + push.astype(_I32), snapshots - 1)
-        keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), state, buf)
-        buf = _store(buf, k, keep)
-        pos = pos.at[k].set(jnp.where(push, cur, pos[k]))
-        return e, k, buf, pos, cur, state
-
     def restore_and_advance(e, k, buf, pos):
-        """The state before step ``e − 1``: restore the newest snapshot, advance to it."""
-        seg = (e, k, buf, pos, pos[k], _index(buf, k))
-        _, k, buf, pos, _, state = jax.lax.while_loop(lambda s: s[0] - s[4] > 1, segment, seg)
+        """The state before step ``e − 1``: restore the newest snapshot, advance to it.
+
+        One loop of single steps; where a step reaches the schedule's split
+        point, its state becomes a new snapshot and the next split is computed
+        (under a ``cond``, so the small integer loop runs only at pushes).
+        """
+        cur = pos[k]
+        next_split = lambda cur, k: cur + _split_traced(e - cur, snapshots - k)
+        target = jax.lax.cond(e - cur > 1, next_split, lambda cur, k: cur, cur, k)
+
+        def advance(loop):
+            cur, target, k, buf, pos, state = loop
+            state = step(state, cur)
+            cur = cur + 1
+            push = (cur == target) & (e - cur > 1)
+            k = jnp.minimum(k + push.astype(_I32), snapshots - 1)
+            keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), state, buf)
+            buf = _store(buf, k, keep)
+            pos = pos.at[k].set(jnp.where(push, cur, pos[k]))
+            target = jax.lax.cond(push, next_split, lambda cur, k: target, cur, k)
+            return cur, target, k, buf, pos, state
+
+        loop = (cur, target, k, buf, pos, _index(buf, k))
+        _, _, k, buf, pos, state = jax.lax.while_loop(lambda s: s[0] < e - 1, advance, loop)
         return k, buf, pos, state
 
     def reverse_one(loop):
@@ -444,3 +452,4 @@ def _with_zeros(example: Any, diff_leaves: list) -> Any:
 
 
 _scan.defvjp(_scan_fwd, _refuse_second_order(_scan_bwd))
+
