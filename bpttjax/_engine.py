@@ -251,6 +251,7 @@ def binomial_scan(
     """
     x0 = None if xs is None else _index(xs, jnp.zeros((), _I32))
     closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
+    closed.has_jvp = _has_jvp(closed, init, x0, consts)
     n = jnp.asarray(length if steps is None else steps, _I32)
     spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap))
     try:
@@ -344,10 +345,40 @@ def _primal(closed, carry, x, consts):
     such as the truncation's ``scale_cotangent``, then sees its primal rule
     only, as it does in plain BPTT's forward pass, instead of rescaling the
     outer tangents of the forward and recomputed values.
+
+    A step that calls a ``jax.custom_vjp`` function (gradient clipping, a
+    library's fused op) has no JVP; it is then called as it is, which gives
+    the same values (and ``jvp∘grad`` of such a step fails inside JAX with
+    any strategy).
     """
+    if not closed.has_jvp:
+        return closed(carry, x, *consts)
     args = (carry, x, list(consts))
     zeros = jax.tree.map(_zero_cotangent, args)
     return jax.jvp(lambda c, x, k: closed(c, x, *k), args, zeros)[0]
+
+
+def _has_jvp(closed, init, x0, consts) -> bool:
+    """Whether the step can run under ``jax.jvp``: not if it calls a ``custom_vjp`` function.
+
+    JAX traces the JVP of a ``custom_vjp`` call without complaint and fails
+    only when the tangent part is evaluated, which a loop may do; so the
+    step's jaxpr is searched for such a call instead.
+    """
+    jaxpr = jax.make_jaxpr(closed)(init, x0, *consts).jaxpr
+    return not _calls_custom_vjp(jaxpr)
+
+
+def _calls_custom_vjp(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if "custom_vjp" in eqn.primitive.name:
+            return True
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(item, "jaxpr", item)  # a ClosedJaxpr's, or a Jaxpr
+                if hasattr(sub, "eqns") and _calls_custom_vjp(sub):
+                    return True
+    return False
 
 
 def _vjp(closed, consts, carry, x):

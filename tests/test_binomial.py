@@ -286,6 +286,36 @@ def test_eager_and_jit_agree_with_integer_and_float_carries():
         np.testing.assert_allclose(got, want, rtol=1e-13)
 
 
+@jax.custom_vjp
+def clip_cotangent(x):
+    return x
+
+
+clip_cotangent.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.05, 0.05),))
+
+
+@pytest.mark.parametrize(
+    "remat", [bj.Binomial(1), bj.Binomial(3), bj.Binomial(13), bj.Nested(2), bj.EveryStep()], ids=str
+)
+def test_a_step_calling_a_custom_vjp_function(remat):
+    # The engine's recomputation runs the step as the primal of a JVP, which a
+    # custom_vjp function (here: clipping the cotangent) does not have.
+    w = jnp.array([[0.9, -0.4], [0.3, 1.1]])
+    xs = jnp.linspace(-1.0, 1.0, 26).reshape(13, 2)
+
+    def loss(scan, w, h, clip=clip_cotangent):
+        step = lambda h, x: (jnp.tanh(clip(h) @ w + x),) * 2
+        h, ys = scan(step, h, xs)
+        return jnp.sum(ys**2) + jnp.sum(h)
+
+    got = jax.jit(jax.grad(functools.partial(loss, functools.partial(bj.scan, remat=remat)), (0, 1)))
+    want = jax.grad(functools.partial(loss, jax.lax.scan), (0, 1))(w, jnp.ones(2))
+    assert_trees_close(got(w, jnp.ones(2)), want, rtol=1e-13)
+    # the clipping acted: without it the gradient is another one
+    unclipped = jax.grad(functools.partial(loss, jax.lax.scan, clip=lambda h: h))(w, jnp.ones(2))
+    assert not np.allclose(unclipped, want[0], rtol=1e-3)
+
+
 def simple_loss(w, remat, T=9):
     xs = jnp.linspace(0.0, 1.0, T)
     c, ys = bj.scan(lambda h, x: (jnp.sin(w * h) + x, h), 0.5, xs, remat=remat)
