@@ -426,8 +426,9 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         """The state before step ``e − 1``: restore the newest snapshot, advance to it.
 
         One loop of single steps; where a step reaches the schedule's split
-        point, its state becomes a new snapshot and the next split is computed
-        (under a ``cond``, so the small integer loop runs only at pushes).
+        point, its state becomes a new snapshot and the next split is computed,
+        both under one ``cond`` (so neither the snapshot write nor the small
+        integer loop runs at the other steps).
         """
         cur = pos[k]
         next_split = lambda cur, k: cur + _split_traced(e - cur, snapshots - k)
@@ -438,11 +439,14 @@ def _scan_bwd(spec, closed, residuals, cotangents):
             state = step(state, cur)
             cur = cur + 1
             push = (cur == target) & (e - cur > 1)
-            k = jnp.minimum(k + push.astype(_I32), snapshots - 1)
-            keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), state, buf)
-            buf = _store(buf, k, keep)
-            pos = pos.at[k].set(jnp.where(push, cur, pos[k]))
-            target = jax.lax.cond(push, next_split, lambda cur, k: target, cur, k)
+
+            def do_push(k, buf, pos):
+                k = jnp.minimum(k + 1, snapshots - 1)
+                return k, _store(buf, k, state), pos.at[k].set(cur), next_split(cur, k)
+
+            k, buf, pos, target = jax.lax.cond(
+                push, do_push, lambda k, buf, pos: (k, buf, pos, target), k, buf, pos
+            )
             return cur, target, k, buf, pos, state
 
         loop = (cur, target, k, buf, pos, _index(buf, k))
@@ -483,4 +487,3 @@ def _with_zeros(example: Any, diff_leaves: list) -> Any:
 
 
 _scan.defvjp(_scan_fwd, _refuse_second_order(_scan_bwd))
-

@@ -295,7 +295,9 @@ clip_cotangent.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.05, 0.05
 
 
 @pytest.mark.parametrize(
-    "remat", [bj.Binomial(1), bj.Binomial(3), bj.Binomial(13), bj.Nested(2), bj.EveryStep()], ids=str
+    "remat",
+    [bj.Binomial(1), bj.Binomial(3), bj.Binomial(13), bj.Nested(2), bj.EveryStep()],
+    ids=str,
 )
 def test_a_step_calling_a_custom_vjp_function(remat):
     # The engine's recomputation runs the step as the primal of a JVP, which a
@@ -308,7 +310,9 @@ def test_a_step_calling_a_custom_vjp_function(remat):
         h, ys = scan(step, h, xs)
         return jnp.sum(ys**2) + jnp.sum(h)
 
-    got = jax.jit(jax.grad(functools.partial(loss, functools.partial(bj.scan, remat=remat)), (0, 1)))
+    got = jax.jit(
+        jax.grad(functools.partial(loss, functools.partial(bj.scan, remat=remat)), (0, 1))
+    )
     want = jax.grad(functools.partial(loss, jax.lax.scan), (0, 1))(w, jnp.ones(2))
     assert_trees_close(got(w, jnp.ones(2)), want, rtol=1e-13)
     # the clipping acted: without it the gradient is another one
