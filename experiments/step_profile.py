@@ -5,8 +5,11 @@ float32), the parts of ``jax.grad`` of ``mean(ys**2)`` through
 ``bj.cells.run`` (``StoreAll``) are timed separately, in interleaved rounds:
 
 * ``recurrent products``: a ``lax.scan`` doing only ``h @ W_h`` each step,
-  the one product no schedule can take out of the loop: a floor for the
-  forward loop, and for the backward loop (``dz @ W_hᵀ``, the same size);
+  the one product no schedule can take out of the forward loop: its floor;
+* ``backward products``: a ``lax.scan`` doing only ``dz @ W_hᵀ`` each step
+  (``W_hᵀ`` made once, as ``run`` does), the backward loop's floor. It has
+  the same flops as ``h @ W_h`` but contracts over ``kH`` into ``H``
+  columns, which XLA's CPU product runs more slowly;
 * ``forward``: ``bj.cells.run`` without a gradient;
 * ``weight products``: the three products ``run`` does after its backward
   loop, ``(T·B, H)ᵀ(T·B, kH)``, ``(T·B, D)ᵀ(T·B, kH)`` and
@@ -15,9 +18,9 @@ float32), the parts of ``jax.grad`` of ``mean(ys**2)`` through
   after ``forward`` and ``weight products`` (it includes storing the
   residuals in the forward pass).
 
-The elementwise part of a step (gates, activations and their derivatives)
-is ``forward − recurrent products`` and, in the backward loop,
-``backward loop − recurrent products``. With PyTorch installed its
+The rest of a step (gates, activations and their derivatives, the input
+projection, storing and reading the residuals) is ``forward − recurrent
+products`` and ``backward loop − backward products``. With PyTorch installed its
 ``nn.RNN``/``nn.GRU``/``nn.LSTM`` fwd+bwd is timed in the same rounds.
 
     python experiments/step_profile.py                 # rnn, gru, lstm at the headline point
@@ -42,7 +45,15 @@ import bpttjax as bj
 
 CSV_NAME = "step_profile.csv"
 QUICK = {"length": 20, "batch": 2, "input": 3, "hidden": 4, "repeats": 2}
-PARTS = ("recurrent products", "forward", "weight products", "fwd+bwd", "backward loop", "PyTorch")
+PARTS = (
+    "recurrent products",
+    "backward products",
+    "forward",
+    "weight products",
+    "fwd+bwd",
+    "backward loop",
+    "PyTorch",
+)
 
 
 @dataclasses.dataclass
@@ -83,6 +94,10 @@ def calls(cell: str, T: int, B: int, D: int, H: int) -> dict:
     def recurrent(W, h):
         return jax.lax.scan(lambda h, _: (jnp.tanh((h @ W)[..., :H]), None), h, None, length=T)[0]
 
+    def backward(W_t, dz):
+        step = lambda dz, _: (jnp.tile(jnp.tanh(dz @ W_t), k), None)
+        return jax.lax.scan(step, dz, None, length=T)[0]
+
     def loss(p, x):
         return jnp.mean(bj.cells.run(cell, p, carry, x)[1] ** 2)
 
@@ -95,6 +110,10 @@ def calls(cell: str, T: int, B: int, D: int, H: int) -> dict:
     W_x = jnp.zeros((D, k * H), jnp.float32)
     jitted = {
         "recurrent products": (jax.jit(recurrent), (W_h, jax.tree.leaves(carry)[0])),
+        "backward products": (
+            jax.jit(backward),
+            (jnp.array(W_h.T), jnp.zeros((B, k * H), jnp.float32)),
+        ),
         "forward": (jax.jit(lambda p, x: bj.cells.run(cell, p, carry, x)[1]), (params, xs)),
         "weight products": (jax.jit(weight_products), (h_rows, z_rows, x_rows, W_x)),
         "fwd+bwd": (jax.jit(jax.grad(loss)), (params, xs)),

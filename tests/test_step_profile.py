@@ -7,7 +7,14 @@ import math
 
 from experiments import common
 
-PARTS = {"recurrent products", "forward", "weight products", "fwd+bwd", "backward loop"}
+PARTS = {
+    "recurrent products",
+    "backward products",
+    "forward",
+    "weight products",
+    "fwd+bwd",
+    "backward loop",
+}
 
 
 def read(path):
