@@ -251,9 +251,9 @@ def binomial_scan(
     """
     x0 = None if xs is None else _index(xs, jnp.zeros((), _I32))
     closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
-    closed.has_jvp = _has_jvp(closed, init, x0, consts)
+    by_jvp = _has_jvp(closed, init, x0, consts)
     n = jnp.asarray(length if steps is None else steps, _I32)
-    spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap))
+    spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap), by_jvp)
     try:
         return _scan(spec, closed, list(consts), init, xs, n)
     except TypeError as err:
@@ -291,7 +291,7 @@ def _refuse_second_order(bwd: Callable) -> Callable:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _scan(spec, closed, consts, init, xs, n):
-    length, _, reverse, unroll, static, _ = spec
+    length, _, reverse, unroll, static, *_ = spec
     if static:
         return jax.lax.scan(
             lambda c, x: closed(c, x, *consts),
@@ -310,7 +310,7 @@ def _step_index(n, reverse):
 
 def _forward(spec, closed, consts, init, xs, n):
     """Run steps ``0 .. n−2`` storing the first sweep's snapshots, then the VJP of the last."""
-    length, snapshots, reverse, unroll, static, _ = spec
+    length, snapshots, reverse, unroll, static, _, by_jvp = spec
     idx = _step_index(n, reverse)
     x_at = lambda t: None if xs is None else _index(xs, idx(t))
     _, y_shape = jax.eval_shape(closed, init, x_at(0), *consts)
@@ -323,7 +323,7 @@ def _forward(spec, closed, consts, init, xs, n):
         k = k + push.astype(_I32)
         keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), carry, buf)
         buf = _store(buf, k, keep)
-        carry, y = _primal(closed, carry, x_at(t), consts)
+        carry, y = _primal(closed, carry, x_at(t), consts, by_jvp)
         return carry, buf, _store(ys, idx(t), y), k
 
     ys = _stack_zeros(length, y_shape)
@@ -337,7 +337,7 @@ def _forward(spec, closed, consts, init, xs, n):
     return (carry, ys), (buf, pos, k, last_vjp)
 
 
-def _primal(closed, carry, x, consts):
+def _primal(closed, carry, x, consts, by_jvp):
     """The step's outputs, computed as the primal half of its JVP.
 
     The same values as ``closed(carry, x, *consts)``. The difference shows
@@ -349,9 +349,9 @@ def _primal(closed, carry, x, consts):
     A step that calls a ``jax.custom_vjp`` function (gradient clipping, a
     library's fused op) has no JVP; it is then called as it is, which gives
     the same values (and ``jvp∘grad`` of such a step fails inside JAX with
-    any strategy).
+    any strategy); ``by_jvp`` is ``False`` for such a step (:func:`_has_jvp`).
     """
-    if not closed.has_jvp:
+    if not by_jvp:
         return closed(carry, x, *consts)
     args = (carry, x, list(consts))
     zeros = jax.tree.map(_zero_cotangent, args)
@@ -410,13 +410,13 @@ def _scan_fwd(spec, closed, consts, init, xs, n):
 
 
 def _scan_bwd(spec, closed, residuals, cotangents):
-    length, snapshots, reverse, _, _, overlap = spec
+    length, snapshots, reverse, _, _, overlap, by_jvp = spec
     consts, init, xs, n, (buf, pos, k, last_vjp) = residuals
     ct_carry, ct_ys = cotangents
     ct_ys = _split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
     idx = _step_index(n, reverse)
     x_at = lambda t: None if xs is None else _index(xs, idx(t))
-    step = lambda c, t: _primal(closed, c, x_at(t), consts)[0]
+    step = lambda c, t: _primal(closed, c, x_at(t), consts, by_jvp)[0]
 
     # youturn: the last step's residuals came from the forward pass
     g_consts, g_carry, g_x = last_vjp(_split_diff(ct_carry)[0], _index(ct_ys, idx(n - 1)))
