@@ -333,6 +333,15 @@ class Split:
       elem: ``elem(elem_params, carry, z) -> (carry, y)``, elementwise.
       elem_params: the keys of ``params`` that ``elem`` reads (its gradient
         for them is summed inside the loop, they are small).
+      bulk_vjp: optional ``bulk_vjp(params, x, carry, dz) -> (d_params,
+        d_x)``, the gradients of ``sum(dz * mix(project(params, x),
+        hidden(params, carry)))`` for ``x``, ``carry`` and ``dz`` stacked
+        over many steps (leading axes ``(steps·batch,)`` or ``(steps,
+        batch)``); ``d_params`` has every key of ``params`` (zeros for
+        ``elem_params``). ``None``: they are taken with ``jax.vjp`` through
+        ``mix``, which builds ``mix``'s transpose (for the GRU two
+        ``T·B × 3H`` arrays, 98 MB each at the benchmark size) before the
+        products; the GRU's gives each product its own part of ``dz``.
     """
 
     project: Callable[[Params, jax.Array], jax.Array]
@@ -340,6 +349,7 @@ class Split:
     mix: Callable[[jax.Array, jax.Array], jax.Array]
     elem: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
     elem_params: tuple[str, ...] = ()
+    bulk_vjp: Callable[[Params, jax.Array, Any, Any], tuple[Params, jax.Array]] | None = None
 
     def elem_args(self, params: Params) -> Params:
         """The part of ``params`` that ``elem`` reads."""
@@ -359,6 +369,30 @@ def _gru_mix(xw, hw):
     # (r and z pre-activations, x_n, h_n) as three arrays: no per-step concatenation
     H = hw.shape[-1] // 3
     return xw[..., : 2 * H] + hw[..., : 2 * H], xw[..., 2 * H :], hw[..., 2 * H :]
+
+
+def _gru_bulk_vjp(p, x, h, dz):
+    # the transpose of _gru_mix taken one part of dz at a time: each kernel's
+    # gradient is two products with its column blocks, no T·B × 3H arrays
+    d_a, d_xn, d_hn = dz
+    cut = d_a.shape[-1]
+
+    def blocks(a):
+        return a[..., :cut], a[..., cut:]
+
+    def linear(Wx_a, Wx_n, bx_a, bx_n, Wh_a, Wh_n, x):
+        return _bias(x @ Wx_a, bx_a) + h @ Wh_a, _bias(x @ Wx_n, bx_n), h @ Wh_n
+
+    args = (*blocks(p["W_x"]), *blocks(p["b_x"]), *blocks(p["W_h"]), x)
+    _, vjp = jax.vjp(linear, *args)
+    dWx_a, dWx_n, dbx_a, dbx_n, dWh_a, dWh_n, d_x = vjp((d_a, d_xn, d_hn))
+    grads = {
+        "W_x": jnp.concatenate([dWx_a, dWx_n], axis=-1),
+        "b_x": jnp.concatenate([dbx_a, dbx_n], axis=-1),
+        "W_h": jnp.concatenate([dWh_a, dWh_n], axis=-1),
+        "b_hn": jnp.zeros_like(p["b_hn"]),
+    }
+    return grads, d_x
 
 
 def _gru_elem(p, h, z):
@@ -389,6 +423,7 @@ GRU_SPLIT = Split(
     mix=_gru_mix,
     elem=_gru_elem,
     elem_params=("b_hn",),
+    bulk_vjp=_gru_bulk_vjp,
 )
 LSTM_SPLIT = Split(
     project=lambda p, x: _bias(x @ p["W_x"], p["b"]),
