@@ -125,6 +125,11 @@ def _at(tree: Any, i: jax.Array) -> Any:
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
+def _put(tree: Any, values: Any, i: jax.Array) -> Any:
+    """Every stacked leaf with entry ``i`` set to the matching leaf of ``values``."""
+    return jax.tree.map(lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0), tree, values)
+
+
 def _pretransposed(params: Any) -> Callable[[], Any]:
     """``params`` for use inside a backward loop, its matrices transposed once before it.
 
@@ -166,20 +171,115 @@ def _block_vjp(layer: Layer) -> Callable:
 
         return jax.lax.scan(body, carry, inputs, reverse=layer.reverse, unroll=layer.unroll)
 
+    def first_last(n):
+        """The first and the last step the forward loop runs, and each step's predecessor."""
+        if layer.reverse:
+            return n - 1, 0, lambda t: t + 1
+        return 0, n - 1, lambda t: t - 1
+
+    def output_leaf(carry, xs):
+        """The carry leaf the outputs stand in for in the residuals, or ``None``.
+
+        The outputs replace that leaf's stack at the price of rolling the
+        inputs (and their gradient) by one step: kept only where the inputs
+        are no wider than the leaf.
+        """
+        k = sp.output_leaf
+        if k is None or xs.shape[0] == 0 or xs.shape[-1] > jax.tree.leaves(carry)[k].shape[-1]:
+            return None
+        return k
+
+    def z_slot(k, n, t):
+        # With the outputs standing in for the carry's leaf k, step t's z (and
+        # later its dz) sits where its entering carry sits among the outputs:
+        # at its predecessor's slot, and the first step's at the last step's.
+        if k is None or n == 0:
+            return t
+        first, last, prev = first_last(n)
+        return jnp.where(t == first, last, prev(t))
+
+    def forward_keep(params, carry, xs, k):
+        """The forward loop, keeping ``z``, the outputs and the carries' other leaves."""
+        pe = sp.elem_args(params)
+        n = xs.shape[0]
+        if layer.hoist:
+            inputs = jnp.reshape(sp.project(params, _flat(xs)), xs.shape[:-1] + (-1,))
+        else:
+            inputs = xs
+
+        def step(c, a):
+            xw = a if layer.hoist else sp.project(params, a)
+            z = sp.mix(xw, sp.hidden(params, c))
+            c_new, y = sp.elem(pe, c, z)
+            return c_new, y, z
+
+        kept = [i for i in range(len(jax.tree.leaves(carry))) if i != k]
+
+        def write(c, c_new, y, z, t, bufs):
+            zs, ys, others = bufs
+            c_leaves = jax.tree.leaves(c)
+            zs = _put(zs, z, z_slot(k, n, t))
+            ys = _put(ys, y, t)
+            others = [_put(o, c_leaves[i], t) for o, i in zip(others, kept, strict=True)]
+            return c_new, (zs, ys, others)
+
+        # The first step runs before the loop: the stacks are made from its
+        # values, so that they have their sharding (an explicit mesh) and their
+        # varying axes (shard_map), as lax.scan's stacked outputs would.
+        t0 = n - 1 if layer.reverse else 0
+        c1, y0, z0 = step(carry, _at(inputs, t0))
+
+        def stack(v):
+            return jnp.broadcast_to(jnp.zeros_like(v)[None], (n,) + v.shape)
+
+        leaves = jax.tree.leaves(carry)
+        bufs = (jax.tree.map(stack, z0), stack(y0), [stack(leaves[i]) for i in kept])
+        state = write(carry, c1, y0, z0, t0, bufs)
+
+        def loop(j, state):
+            c, bufs = state
+            t = (n - 1 - j) if layer.reverse else j
+            c_new, y, z = step(c, _at(inputs, t))
+            return write(c, c_new, y, z, t, bufs)
+
+        carry_out, (zs, ys, others) = jax.lax.fori_loop(1, n, loop, state, unroll=layer.unroll)
+        return carry_out, ys, zs, others
+
     @jax.custom_vjp
     def block(params, carry, xs, scales):
         return forward(params, carry, xs, keep=False)
 
     def block_fwd(params, carry, xs, scales):
-        carry_out, (ys, cs, zs) = forward(params, carry, xs, keep=True)
-        return (carry_out, ys), (params, xs, cs, zs, scales)
+        k = output_leaf(carry, xs)
+        if k is None:
+            carry_out, (ys, cs, zs) = forward(params, carry, xs, keep=True)
+            return (carry_out, ys), (params, xs, carry, cs, None, zs, scales)
+        carry_out, ys, zs, others = forward_keep(params, carry, xs, k)
+        return (carry_out, ys), (params, xs, carry, others, ys, zs, scales)
 
     def block_bwd(res, cotangents):
-        params, xs, cs, zs, scales = res
+        params, xs, init, kept_stacks, ys_res, zs, scales = res
         d_carry, d_ys = cotangents
         pe = sp.elem_args(params)
+        n = xs.shape[0]
+        init_leaves, treedef = jax.tree.flatten(init)
+        k = output_leaf(init, xs)
+        kept = [i for i in range(len(init_leaves)) if i != k]
+
+        def entering_carry(t):
+            """The carry entering step ``t``, from the kept stacks (and the outputs)."""
+            if k is None:
+                return _at(kept_stacks, t)
+            first, _, prev = first_last(n)
+            leaves = [None] * len(init_leaves)
+            for o, i in zip(kept_stacks, kept, strict=True):
+                leaves[i] = _at(o, t)
+            y_prev = _at(ys_res, jnp.clip(prev(t), 0, n - 1))
+            leaves[k] = jnp.where(t == first, init_leaves[k], y_prev)
+            return jax.tree.unflatten(treedef, leaves)
+
         x_width = jax.eval_shape(sp.project, params, xs[0]).shape[-1]
-        h_width = jax.eval_shape(sp.hidden, params, jax.tree.map(lambda a: a[0], cs)).shape[-1]
+        h_width = jax.eval_shape(sp.hidden, params, init).shape[-1]
         loop_params = _pretransposed(params)
 
         def body(acc, inputs):
@@ -199,7 +299,6 @@ def _block_vjp(layer: Layer) -> Callable:
             return (dc, _add(dpe, dpe_t)), dz
 
         acc0 = (d_carry, jax.tree.map(jnp.zeros_like, pe))
-        n = jax.tree.leaves(zs)[0].shape[0]
         index = (lambda j: j) if layer.reverse else (lambda j: n - 1 - j)
 
         # Each step's dz is written over its own z in the residual stack, which
@@ -210,36 +309,60 @@ def _block_vjp(layer: Layer) -> Callable:
         # XLA copy the whole stack at every step to keep the write in place.
         def loop(j, state):
             acc, stack, z = state
-            i = index(j)
-            s = None if scales is None else scales[i]
-            acc, dz = body(acc, (_at(cs, i), z, _at(d_ys, i), s))
-            stack = jax.tree.map(
-                lambda a, d: jax.lax.dynamic_update_index_in_dim(a, d, i, 0), stack, dz
-            )
-            return acc, stack, _at(stack, index(jnp.minimum(j + 1, n - 1)))
+            t = index(j)
+            s = None if scales is None else scales[t]
+            acc, dz = body(acc, (entering_carry(t), z, _at(d_ys, t), s))
+            stack = _put(stack, dz, z_slot(k, n, t))
+            return acc, stack, _at(stack, z_slot(k, n, index(jnp.minimum(j + 1, n - 1))))
 
         if n == 0:
             (d_init, d_pe), dzs = acc0, zs
         else:
             (d_init, d_pe), dzs, _ = jax.lax.fori_loop(
-                0, n, loop, (acc0, zs, _at(zs, index(0))), unroll=layer.unroll
+                0, n, loop, (acc0, zs, _at(zs, z_slot(k, n, index(0)))), unroll=layer.unroll
             )
+
         # The products over every step of the block. On one device as matrices
         # (steps and batch merged: XLA's CPU products are fastest so); on several,
         # over the stacks as they are, so that a sharded batch stays sharded.
         flat = _flat if jax.device_count() == 1 else (lambda tree: tree)
-        if sp.bulk_vjp is not None:
-            d_params, d_xs = sp.bulk_vjp(params, flat(xs), flat(cs), flat(dzs))
-        else:
-            d_xw, d_hw = _mix_transpose(sp.mix, flat(dzs), x_width, h_width)
-            _, hidden_vjp = jax.vjp(lambda p: sp.hidden(p, flat(cs)), params)
+
+        def products(x, c, dz):
+            if sp.bulk_vjp is not None:
+                return sp.bulk_vjp(params, x, c, dz)
+            d_xw, d_hw = _mix_transpose(sp.mix, dz, x_width, h_width)
+            _, hidden_vjp = jax.vjp(lambda p: sp.hidden(p, c), params)
             (d_params,) = hidden_vjp(d_hw)
-            _, project_vjp = jax.vjp(sp.project, params, flat(xs))
-            d_params_x, d_xs = project_vjp(d_xw)
-            d_params = _add(d_params, d_params_x)
+            _, project_vjp = jax.vjp(sp.project, params, x)
+            d_params_x, d_x = project_vjp(d_xw)
+            return _add(d_params, d_params_x), d_x
+
+        if k is None or n == 0:
+            d_params, d_xs = products(flat(xs), flat(kept_stacks), flat(dzs))
+            d_xs = jnp.reshape(d_xs, xs.shape)
+        else:
+            # Row r of the dz stack belongs to the step whose entering carry is
+            # row r of the outputs (the first step's sits in the last step's
+            # row); the inputs and the kept leaves are rolled to match, and the
+            # first step's product is corrected from the last output to init.
+            shift = 1 if layer.reverse else -1
+            roll = lambda tree, by: jax.tree.map(lambda a: jnp.roll(a, by, axis=0), tree)
+            x_rows = roll(xs, shift)
+            leaves = [None] * len(init_leaves)
+            for o, i in zip(kept_stacks, kept, strict=True):
+                leaves[i] = roll(o, shift)
+            leaves[k] = ys_res
+            c_rows = jax.tree.unflatten(treedef, leaves)
+            d_params, d_x_rows = products(flat(x_rows), flat(c_rows), flat(dzs))
+            d_xs = roll(jnp.reshape(d_x_rows, xs.shape), -shift)
+            _, last, _ = first_last(n)
+            x_f, c_last, dz_f = _at(x_rows, last), _at(c_rows, last), _at(dzs, last)
+            good, _ = products(x_f, init, dz_f)
+            wrong, _ = products(x_f, c_last, dz_f)
+            d_params = jax.tree.map(lambda a, g, w: a + (g - w), d_params, good, wrong)
         d_params = sp.add_elem_grads(d_params, d_pe)
         d_scales = None if scales is None else jnp.zeros_like(scales)
-        return d_params, d_init, jnp.reshape(d_xs, xs.shape), d_scales
+        return d_params, d_init, d_xs, d_scales
 
     block.defvjp(block_fwd, block_bwd)
     return block

@@ -342,6 +342,12 @@ class Split:
         ``mix``, which builds ``mix``'s transpose (for the GRU two
         ``T·B × 3H`` arrays, 98 MB each at the benchmark size) before the
         products; the GRU's gives each product its own part of ``dz``.
+      output_leaf: optional index, among ``jax.tree.leaves(carry)``, of the
+        leaf that ``elem`` also returns as ``y`` (the hidden state of the
+        rnn, GRU and LSTM). The outputs, which the caller gets anyway, then
+        stand in for that leaf's per-step residual stack, when the inputs are
+        no wider than the leaf (the inputs and their gradient are rolled by
+        one step, a copy of their size). ``None``: every carry leaf is kept.
     """
 
     project: Callable[[Params, jax.Array], jax.Array]
@@ -350,6 +356,7 @@ class Split:
     elem: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
     elem_params: tuple[str, ...] = ()
     bulk_vjp: Callable[[Params, jax.Array, Any, Any], tuple[Params, jax.Array]] | None = None
+    output_leaf: int | None = None
 
     def elem_args(self, params: Params) -> Params:
         """The part of ``params`` that ``elem`` reads."""
@@ -416,6 +423,7 @@ RNN_SPLIT = Split(
     hidden=lambda p, h: h @ p["W_hh"],
     mix=_sum_mix,
     elem=_rnn_elem,
+    output_leaf=0,
 )
 GRU_SPLIT = Split(
     project=lambda p, x: _bias(x @ p["W_x"], p["b_x"]),
@@ -424,12 +432,14 @@ GRU_SPLIT = Split(
     elem=_gru_elem,
     elem_params=("b_hn",),
     bulk_vjp=_gru_bulk_vjp,
+    output_leaf=0,
 )
 LSTM_SPLIT = Split(
     project=lambda p, x: _bias(x @ p["W_x"], p["b"]),
     hidden=lambda p, carry: carry[0] @ p["W_h"],
     mix=_sum_mix,
     elem=_lstm_elem,
+    output_leaf=0,
 )
 
 
