@@ -125,6 +125,22 @@ def _at(tree: Any, i: jax.Array) -> Any:
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
+def _check_output_leaf(sp: Any, pe: Any, carry: Any, z: Any, k: int) -> None:
+    """``ValueError`` unless ``sp.elem``'s output is, as traced, its new carry's leaf ``k``.
+
+    The outputs stand in for that leaf's stack in the residuals; anything
+    else would give wrong gradients, so the jaxpr of ``elem`` must return the
+    same variable for both.
+    """
+    outs = jax.make_jaxpr(sp.elem)(pe, carry, z).jaxpr.outvars
+    n = len(jax.tree.leaves(carry))
+    if len(outs) != n + 1 or outs[k] is not outs[n]:
+        raise ValueError(
+            f"Split(output_leaf={k}) says that elem returns its new carry's leaf {k} as its "
+            "output, but it returns something else; set output_leaf=None"
+        )
+
+
 def _put(tree: Any, values: Any, i: jax.Array) -> Any:
     """Every stacked leaf with entry ``i`` set to the matching leaf of ``values``."""
     return jax.tree.map(lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0), tree, values)
@@ -185,7 +201,12 @@ def _block_vjp(layer: Layer) -> Callable:
         are no wider than the leaf.
         """
         k = sp.output_leaf
-        if k is None or xs.shape[0] == 0 or xs.shape[-1] > jax.tree.leaves(carry)[k].shape[-1]:
+        leaves = jax.tree.leaves(carry)
+        if k is not None and k >= len(leaves):
+            raise ValueError(
+                f"Split(output_leaf={k}) names a carry leaf, but the carry has {len(leaves)}"
+            )
+        if k is None or xs.shape[0] == 0 or xs.shape[-1] > leaves[k].shape[-1]:
             return None
         return k
 
@@ -228,6 +249,7 @@ def _block_vjp(layer: Layer) -> Callable:
         # varying axes (shard_map), as lax.scan's stacked outputs would.
         t0 = n - 1 if layer.reverse else 0
         c1, y0, z0 = step(carry, _at(inputs, t0))
+        _check_output_leaf(sp, pe, carry, z0, k)
 
         def stack(v):
             return jnp.broadcast_to(jnp.zeros_like(v)[None], (n,) + v.shape)

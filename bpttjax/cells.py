@@ -347,7 +347,9 @@ class Split:
         rnn, GRU and LSTM). The outputs, which the caller gets anyway, then
         stand in for that leaf's per-step residual stack, when the inputs are
         no wider than the leaf (the inputs and their gradient are rolled by
-        one step, a copy of their size). ``None``: every carry leaf is kept.
+        one step, a copy of their size). :func:`run` checks in ``elem``'s
+        jaxpr that its output is that very leaf, and raises ``ValueError``
+        otherwise. ``None``: every carry leaf is kept.
     """
 
     project: Callable[[Params, jax.Array], jax.Array]
@@ -357,6 +359,22 @@ class Split:
     elem_params: tuple[str, ...] = ()
     bulk_vjp: Callable[[Params, jax.Array, Any, Any], tuple[Params, jax.Array]] | None = None
     output_leaf: int | None = None
+
+    def __post_init__(self):
+        for field in ("project", "hidden", "mix", "elem"):
+            value = getattr(self, field)
+            if not callable(value):
+                raise TypeError(f"Split({field}=...) expects a callable, got {value!r}")
+        if self.bulk_vjp is not None and not callable(self.bulk_vjp):
+            raise TypeError(
+                f"Split(bulk_vjp=...) expects None or a callable, got {self.bulk_vjp!r}"
+            )
+        k = self.output_leaf
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise TypeError(
+                f"Split(output_leaf=...) expects None or the index (an int >= 0) of a carry leaf, "
+                f"got {k!r}"
+            )
 
     def elem_args(self, params: Params) -> Params:
         """The part of ``params`` that ``elem`` reads."""

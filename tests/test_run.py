@@ -100,6 +100,67 @@ def test_inputs_wider_than_the_carry(cell):
     check(cell, 10, bj.Nested(2), None, False, width=H + 2)
 
 
+def _cell_state_first_lstm(output_leaf):
+    """An LSTM whose carry is ``(c, h)`` (Flax's order): its output is carry leaf 1."""
+
+    def elem(_, carry, z):
+        c, h = carry
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+        return (c_new, h_new), h_new
+
+    split = bj.cells.Split(
+        project=lambda p, x: x @ p["W_x"] + p["b"][None, :],
+        hidden=lambda p, carry: carry[1] @ p["W_h"],
+        mix=lambda xw, hw: xw + hw,
+        elem=elem,
+        output_leaf=output_leaf,
+    )
+
+    def step(p, carry, x):
+        return elem(p, carry, split.mix(split.project(p, x), split.hidden(p, carry)))
+
+    lstm = bj.cells.get("lstm")
+    return bj.cells.Cell("lstm_ch", step, lstm.init, carry_arrays=2, gates=4, split=split)
+
+
+@pytest.mark.parametrize("width", [D, H + 2], ids=["narrow-inputs", "wide-inputs"])
+def test_a_cell_whose_output_is_its_second_carry_leaf(width):
+    """A user's Split with output_leaf=1; a wrong output_leaf is refused, not silently wrong."""
+    cell = _cell_state_first_lstm(output_leaf=1)
+    _, params, (h0, c0), xs = problem("lstm", 8, width=width)
+    carry = (c0, h0)
+    kw = dict(truncation=bj.Truncate(every=3), reverse=True)
+
+    def ref(p, c, x):
+        return bj.scan(functools.partial(cell.step, p), c, x, **kw)
+
+    def got(p, c, x):
+        return bj.cells.run(cell, p, c, x, **kw)
+
+    want = jax.grad(loss_of(ref), argnums=(0, 1, 2))(params, carry, xs)
+    assert_trees_close(jax.grad(loss_of(got), argnums=(0, 1, 2))(params, carry, xs), want)
+    if width <= H:
+        wrong = _cell_state_first_lstm(output_leaf=0)
+        with pytest.raises(ValueError, match=r"Split\(output_leaf=0\) says that elem returns"):
+            jax.grad(loss_of(lambda p, c, x: bj.cells.run(wrong, p, c, x)))(params, carry, xs)
+
+
+def test_split_rejects_bad_fields():
+    ok = bj.cells.get("lstm").split
+    with pytest.raises(TypeError, match=r"Split\(output_leaf=...\) expects None or the index"):
+        bj.cells.Split(ok.project, ok.hidden, ok.mix, ok.elem, output_leaf=-1)
+    with pytest.raises(TypeError, match=r"Split\(bulk_vjp=...\) expects None or a callable"):
+        bj.cells.Split(ok.project, ok.hidden, ok.mix, ok.elem, bulk_vjp=3)
+    with pytest.raises(TypeError, match=r"Split\(elem=...\) expects a callable"):
+        bj.cells.Split(ok.project, ok.hidden, ok.mix, None)
+    _, params, (h0, c0), xs = problem("lstm", 4)
+    three = _cell_state_first_lstm(output_leaf=2)
+    with pytest.raises(ValueError, match=r"Split\(output_leaf=2\) names a carry leaf"):
+        jax.grad(loss_of(lambda p, c, x: bj.cells.run(three, p, c, x)))(params, (c0, h0), xs)
+
+
 def test_short_sequences():
     for T in (0, 1, 2):
         check("lstm", T, bj.Nested(2), None, False)
