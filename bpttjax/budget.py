@@ -244,6 +244,13 @@ class Budget(RematStrategy):
         strategy = self._plan(f, init, xs, length).strategy
         return strategy.scan(f, init, xs, length, reverse, unroll)
 
+    def scan_layer(self, layer, init):
+        # Planned as bj.scan of the step; the chosen strategy then runs the
+        # layer its own way (StoreAll as one fused block, which keeps less
+        # than bj.scan's StoreAll, so the plan still fits).
+        strategy = self._plan(layer.step, init, layer.xs, layer.length).strategy
+        return strategy.scan_layer(layer, init)
+
 
 # --- measuring a step -------------------------------------------------------------------
 

@@ -246,6 +246,26 @@ def test_memory_less_than_the_step_by_step_scan(cell, width):
         assert got <= ref - saved, (cell, remat, got, ref, z_stack, h_stack)
 
 
+def test_budget_runs_the_strategy_it_picks_as_a_layer():
+    """A Budget that picks StoreAll runs the fused block: its memory, not bj.scan's."""
+    c = bj.cells.get("lstm")
+    params = c.init(jax.random.key(0), 8, 32)
+    carry = c.initial_carry(32, (4,))
+    xs = jnp.ones((60, 4, 8), jnp.float32)
+
+    def temp(remat, layer=True):
+        def loss(p, x):
+            if layer:
+                return jnp.sum(bj.cells.run("lstm", p, carry, x, remat=remat)[1] ** 2)
+            return jnp.sum(bj.scan(functools.partial(c.step, p), carry, x, remat=remat)[1] ** 2)
+
+        return bj.memory.measure(jax.grad(loss), params, xs).temp_bytes
+
+    roomy = bj.Budget("1GB")
+    assert roomy.plan(functools.partial(c.step, params), carry, xs).strategy == bj.StoreAll()
+    assert temp(roomy) == temp(bj.StoreAll()) < 0.8 * temp(bj.StoreAll(), layer=False)
+
+
 def test_rejects_bad_arguments():
     c, params, carry, xs = problem("rnn", 3)
     with pytest.raises(ValueError, match="unknown cell 'tanh'"):
