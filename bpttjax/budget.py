@@ -137,6 +137,11 @@ class Budget(RematStrategy):
     else ``Binomial`` with the most snapshots that fit. The plan aims at 95%
     of the budget, as predictions are within a few percent of XLA's figure.
 
+    Under :func:`bpttjax.cells.run`, ``StoreAll`` is tried as the layer runs
+    it, one fused block with its own measured costs (about half of plain
+    BPTT's memory for the library's cells); the rest is planned as for
+    ``bj.scan`` of the step.
+
     Cost: that of the chosen strategy, plus two to four small compilations
     each time the scan is traced (the step's measured costs are cached per
     step program and shapes).
@@ -245,9 +250,14 @@ class Budget(RematStrategy):
         return strategy.scan(f, init, xs, length, reverse, unroll)
 
     def scan_layer(self, layer, init):
-        # Planned as bj.scan of the step; the chosen strategy then runs the
-        # layer its own way (StoreAll as one fused block, which keeps less
-        # than bj.scan's StoreAll, so the plan still fits).
+        # Planned as bj.scan of the step, except that StoreAll is tried first
+        # as the layer runs it, one fused block (bj.cells.run keeps 52-65% of
+        # plain BPTT's memory for the library's cells), with that block's
+        # measured costs. The chosen strategy runs the layer its own way.
+        if StoreAll().cost(layer.length, _layer_costs(layer, init)).temp_bytes <= (
+            _SAFETY * self.bytes
+        ):
+            return StoreAll().scan_layer(layer, init)
         strategy = self._plan(layer.step, init, layer.xs, layer.length).strategy
         return strategy.scan_layer(layer, init)
 
@@ -303,6 +313,41 @@ def _measured_costs(f: Callable, init: Any, xs: Any, remat: RematStrategy | None
     costs = dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C)
     if len(_COSTS_CACHE) > 256:
         _COSTS_CACHE.clear()
+    _COSTS_CACHE[key] = costs
+    return costs
+
+
+def _layer_costs(layer: Any, init: Any) -> StepCosts:
+    """:class:`StepCosts` of a whole-sequence layer run as one fused block, by compiling.
+
+    As :func:`_measured_costs` for plain BPTT, with the block that
+    ``StoreAll`` runs for :func:`bpttjax.cells.run` in place of the scan.
+    """
+    from ._fused import Layer
+
+    params_a, init_a = _abstract(layer.params), _abstract(init)
+    x_a = jax.ShapeDtypeStruct(layer.xs.shape[1:], layer.xs.dtype)
+    options = (layer.reverse, layer.unroll, layer.hoist)
+    key = ("layer", layer.split, layer.step_fn, repr((params_a, init_a, x_a, options)))
+    if key in _COSTS_CACHE:
+        return _COSTS_CACHE[key]
+
+    def build(T):
+        def loss(diff, params, init, xs):
+            _, other, merge = _split_diff((params, init))
+            params, init = merge(diff, other)
+            probe = Layer(layer.split, layer.step_fn, params, xs, T, *options[:2], None, options[2])
+            out = probe.block(init, 0, T)
+            return sum(jnp.sum(a).astype(jnp.float32) for a in _split_diff(out)[0])
+
+        def grad(params, init, xs):
+            return jax.grad(loss)(_split_diff((params, init))[0], params, init, xs)
+
+        return grad, (params_a, init_a, jax.ShapeDtypeStruct((T, *x_a.shape), x_a.dtype))
+
+    C = memory.tree_bytes(init_a)
+    costs = memory.step_costs(build, C, _PROBE_LENGTHS)
+    costs = dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C)
     _COSTS_CACHE[key] = costs
     return costs
 
