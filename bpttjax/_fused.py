@@ -172,19 +172,25 @@ def _block_vjp(layer: Layer) -> Callable:
     """
     sp = layer.split
 
-    def forward(params, carry, xs, keep: bool):
+    def stepper(params, xs):
+        """The per-step inputs (the projected ones when hoisted) and the step on them."""
         pe = sp.elem_args(params)
         if layer.hoist:
             inputs = jnp.reshape(sp.project(params, _flat(xs)), xs.shape[:-1] + (-1,))
         else:
             inputs = xs
 
-        def body(c, a):
+        def step(c, a):
             xw = a if layer.hoist else sp.project(params, a)
             z = sp.mix(xw, sp.hidden(params, c))
             c_new, y = sp.elem(pe, c, z)
-            return c_new, ((y, c, z) if keep else y)
+            return c_new, y, z
 
+        return inputs, step
+
+    def forward(params, carry, xs):
+        inputs, step = stepper(params, xs)
+        body = lambda c, a: step(c, a)[:2]
         return jax.lax.scan(body, carry, inputs, reverse=layer.reverse, unroll=layer.unroll)
 
     def first_last(n):
@@ -206,7 +212,7 @@ def _block_vjp(layer: Layer) -> Callable:
             raise ValueError(
                 f"Split(output_leaf={k}) names a carry leaf, but the carry has {len(leaves)}"
             )
-        if k is None or xs.shape[0] == 0 or xs.shape[-1] > leaves[k].shape[-1]:
+        if k is None or xs.shape[-1] > leaves[k].shape[-1]:
             return None
         return k
 
@@ -214,27 +220,17 @@ def _block_vjp(layer: Layer) -> Callable:
         # With the outputs standing in for the carry's leaf k, step t's z (and
         # later its dz) sits where its entering carry sits among the outputs:
         # at its predecessor's slot, and the first step's at the last step's.
-        if k is None or n == 0:
+        if k is None:
             return t
         first, last, prev = first_last(n)
         return jnp.where(t == first, last, prev(t))
 
     def forward_keep(params, carry, xs, k):
-        """The forward loop, keeping ``z``, the outputs and the carries' other leaves."""
-        pe = sp.elem_args(params)
+        """The forward loop, keeping ``z``, the outputs and the carry's leaves other than ``k``."""
         n = xs.shape[0]
-        if layer.hoist:
-            inputs = jnp.reshape(sp.project(params, _flat(xs)), xs.shape[:-1] + (-1,))
-        else:
-            inputs = xs
-
-        def step(c, a):
-            xw = a if layer.hoist else sp.project(params, a)
-            z = sp.mix(xw, sp.hidden(params, c))
-            c_new, y = sp.elem(pe, c, z)
-            return c_new, y, z
-
-        kept = [i for i in range(len(jax.tree.leaves(carry))) if i != k]
+        inputs, step = stepper(params, xs)
+        leaves = jax.tree.leaves(carry)
+        kept = [i for i in range(len(leaves)) if i != k]
 
         def write(c, c_new, y, z, t, bufs):
             zs, ys, others = bufs
@@ -249,12 +245,12 @@ def _block_vjp(layer: Layer) -> Callable:
         # varying axes (shard_map), as lax.scan's stacked outputs would.
         t0 = n - 1 if layer.reverse else 0
         c1, y0, z0 = step(carry, _at(inputs, t0))
-        _check_output_leaf(sp, pe, carry, z0, k)
+        if k is not None:
+            _check_output_leaf(sp, sp.elem_args(params), carry, z0, k)
 
         def stack(v):
             return jnp.broadcast_to(jnp.zeros_like(v)[None], (n,) + v.shape)
 
-        leaves = jax.tree.leaves(carry)
         bufs = (jax.tree.map(stack, z0), stack(y0), [stack(leaves[i]) for i in kept])
         state = write(carry, c1, y0, z0, t0, bufs)
 
@@ -269,14 +265,14 @@ def _block_vjp(layer: Layer) -> Callable:
 
     @jax.custom_vjp
     def block(params, carry, xs, scales):
-        return forward(params, carry, xs, keep=False)
+        return forward(params, carry, xs)
 
     def block_fwd(params, carry, xs, scales):
         k = output_leaf(carry, xs)
-        if k is None:
-            carry_out, (ys, cs, zs) = forward(params, carry, xs, keep=True)
-            return (carry_out, ys), (params, xs, carry, cs, None, zs, scales)
         carry_out, ys, zs, others = forward_keep(params, carry, xs, k)
+        if k is None:
+            others = jax.tree.unflatten(jax.tree.structure(carry), others)
+            return (carry_out, ys), (params, xs, carry, others, None, zs, scales)
         return (carry_out, ys), (params, xs, carry, others, ys, zs, scales)
 
     def block_bwd(res, cotangents):
@@ -337,12 +333,9 @@ def _block_vjp(layer: Layer) -> Callable:
             stack = _put(stack, dz, z_slot(k, n, t))
             return acc, stack, _at(stack, z_slot(k, n, index(jnp.minimum(j + 1, n - 1))))
 
-        if n == 0:
-            (d_init, d_pe), dzs = acc0, zs
-        else:
-            (d_init, d_pe), dzs, _ = jax.lax.fori_loop(
-                0, n, loop, (acc0, zs, _at(zs, z_slot(k, n, index(0)))), unroll=layer.unroll
-            )
+        (d_init, d_pe), dzs, _ = jax.lax.fori_loop(
+            0, n, loop, (acc0, zs, _at(zs, z_slot(k, n, index(0)))), unroll=layer.unroll
+        )
 
         # The products over every step of the block. On one device as matrices
         # (steps and batch merged: XLA's CPU products are fastest so); on several,
@@ -359,7 +352,7 @@ def _block_vjp(layer: Layer) -> Callable:
             d_params_x, d_x = project_vjp(d_xw)
             return _add(d_params, d_params_x), d_x
 
-        if k is None or n == 0:
+        if k is None:
             d_params, d_xs = products(flat(xs), flat(kept_stacks), flat(dzs))
             d_xs = jnp.reshape(d_xs, xs.shape)
         else:
@@ -387,4 +380,10 @@ def _block_vjp(layer: Layer) -> Callable:
         return d_params, d_init, d_xs, d_scales
 
     block.defvjp(block_fwd, block_bwd)
-    return block
+
+    def run_block(params, carry, xs, scales):
+        if xs.shape[0] == 0:  # nothing to keep: lax.scan's own (empty) gradient
+            return forward(params, carry, xs)
+        return block(params, carry, xs, scales)
+
+    return run_block
