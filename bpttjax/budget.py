@@ -348,6 +348,8 @@ def _layer_costs(layer: Any, init: Any) -> StepCosts:
     C = memory.tree_bytes(init_a)
     costs = memory.step_costs(build, C, _PROBE_LENGTHS)
     costs = dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C)
+    if len(_COSTS_CACHE) > 256:
+        _COSTS_CACHE.clear()
     _COSTS_CACHE[key] = costs
     return costs
 
