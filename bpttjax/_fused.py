@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._engine import _index, _stack_zeros, _store
 from ._scan import scan as _bj_scan
 
 
@@ -120,11 +121,6 @@ def _scales(layer: Layer, truncation: Any, start: jax.Array, n: int) -> jax.Arra
     return jax.vmap(truncation._scale)(counter, pos)
 
 
-def _at(tree: Any, i: jax.Array) -> Any:
-    """Entry ``i`` of every stacked leaf."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
-
-
 def _check_output_leaf(sp: Any, pe: Any, carry: Any, z: Any, k: int) -> None:
     """``ValueError`` unless ``sp.elem``'s output is, as traced, its new carry's leaf ``k``.
 
@@ -139,11 +135,6 @@ def _check_output_leaf(sp: Any, pe: Any, carry: Any, z: Any, k: int) -> None:
             f"Split(output_leaf={k}) says that elem returns its new carry's leaf {k} as its "
             "output, but it returns something else; set output_leaf=None"
         )
-
-
-def _put(tree: Any, values: Any, i: jax.Array) -> Any:
-    """Every stacked leaf with entry ``i`` set to the matching leaf of ``values``."""
-    return jax.tree.map(lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, 0), tree, values)
 
 
 def _pretransposed(params: Any) -> Callable[[], Any]:
@@ -235,29 +226,26 @@ def _block_vjp(layer: Layer) -> Callable:
         def write(c, c_new, y, z, t, bufs):
             zs, ys, others = bufs
             c_leaves = jax.tree.leaves(c)
-            zs = _put(zs, z, z_slot(k, n, t))
-            ys = _put(ys, y, t)
-            others = [_put(o, c_leaves[i], t) for o, i in zip(others, kept, strict=True)]
+            zs = _store(zs, z_slot(k, n, t), z)
+            ys = _store(ys, t, y)
+            others = _store(others, t, [c_leaves[i] for i in kept])
             return c_new, (zs, ys, others)
 
         # The first step runs before the loop: the stacks are made from its
         # values, so that they have their sharding (an explicit mesh) and their
         # varying axes (shard_map), as lax.scan's stacked outputs would.
         t0 = n - 1 if layer.reverse else 0
-        c1, y0, z0 = step(carry, _at(inputs, t0))
+        c1, y0, z0 = step(carry, _index(inputs, t0))
         if k is not None:
             _check_output_leaf(sp, sp.elem_args(params), carry, z0, k)
 
-        def stack(v):
-            return jnp.broadcast_to(jnp.zeros_like(v)[None], (n,) + v.shape)
-
-        bufs = (jax.tree.map(stack, z0), stack(y0), [stack(leaves[i]) for i in kept])
+        bufs = _stack_zeros(n, (z0, y0, [leaves[i] for i in kept]))
         state = write(carry, c1, y0, z0, t0, bufs)
 
         def loop(j, state):
             c, bufs = state
             t = (n - 1 - j) if layer.reverse else j
-            c_new, y, z = step(c, _at(inputs, t))
+            c_new, y, z = step(c, _index(inputs, t))
             return write(c, c_new, y, z, t, bufs)
 
         carry_out, (zs, ys, others) = jax.lax.fori_loop(1, n, loop, state, unroll=layer.unroll)
@@ -287,12 +275,12 @@ def _block_vjp(layer: Layer) -> Callable:
         def entering_carry(t):
             """The carry entering step ``t``, from the kept stacks (and the outputs)."""
             if k is None:
-                return _at(kept_stacks, t)
+                return _index(kept_stacks, t)
             first, _, prev = first_last(n)
             leaves = [None] * len(init_leaves)
             for o, i in zip(kept_stacks, kept, strict=True):
-                leaves[i] = _at(o, t)
-            y_prev = _at(ys_res, jnp.clip(prev(t), 0, n - 1))
+                leaves[i] = _index(o, t)
+            y_prev = _index(ys_res, jnp.clip(prev(t), 0, n - 1))
             leaves[k] = jnp.where(t == first, init_leaves[k], y_prev)
             return jax.tree.unflatten(treedef, leaves)
 
@@ -329,12 +317,12 @@ def _block_vjp(layer: Layer) -> Callable:
             acc, stack, z = state
             t = index(j)
             s = None if scales is None else scales[t]
-            acc, dz = body(acc, (entering_carry(t), z, _at(d_ys, t), s))
-            stack = _put(stack, dz, z_slot(k, n, t))
-            return acc, stack, _at(stack, z_slot(k, n, index(jnp.minimum(j + 1, n - 1))))
+            acc, dz = body(acc, (entering_carry(t), z, _index(d_ys, t), s))
+            stack = _store(stack, z_slot(k, n, t), dz)
+            return acc, stack, _index(stack, z_slot(k, n, index(jnp.minimum(j + 1, n - 1))))
 
         (d_init, d_pe), dzs, _ = jax.lax.fori_loop(
-            0, n, loop, (acc0, zs, _at(zs, z_slot(k, n, index(0)))), unroll=layer.unroll
+            0, n, loop, (acc0, zs, _index(zs, z_slot(k, n, index(0)))), unroll=layer.unroll
         )
 
         # The products over every step of the block. On one device as matrices
@@ -371,7 +359,7 @@ def _block_vjp(layer: Layer) -> Callable:
             d_params, d_x_rows = products(flat(x_rows), flat(c_rows), flat(dzs))
             d_xs = roll(jnp.reshape(d_x_rows, xs.shape), -shift)
             _, last, _ = first_last(n)
-            x_f, c_last, dz_f = _at(x_rows, last), _at(c_rows, last), _at(dzs, last)
+            x_f, c_last, dz_f = _index(x_rows, last), _index(c_rows, last), _index(dzs, last)
             good, _ = products(x_f, init, dz_f)
             wrong, _ = products(x_f, c_last, dz_f)
             d_params = jax.tree.map(lambda a, g, w: a + (g - w), d_params, good, wrong)
