@@ -287,25 +287,34 @@ def _measured_costs(f: Callable, init: Any, xs: Any, remat: RematStrategy | None
     closed, consts = _hoist_constants(f, init_a, x_a)
     consts_a = _abstract(consts)
     key = (str(closed.jaxpr), repr((init_a, x_a, consts_a)), remat)
-    if key in _COSTS_CACHE:
-        return _COSTS_CACHE[key]
     remat = remat or StoreAll()
 
     def build(T):
         xs_a = jax.tree.map(lambda a: jax.ShapeDtypeStruct((T, *a.shape), a.dtype), x_a)
+        run = lambda consts, init, xs: remat.scan(
+            lambda c, x: closed(c, x, *consts), init, xs, T, False, 1
+        )
+        return _probe_grad(run), (consts_a, init_a, xs_a)
 
-        def loss(diff, consts, init, xs):
-            _, other, merge = _split_diff((consts, init))
-            consts, init = merge(diff, other)
-            step = lambda c, x: closed(c, x, *consts)
-            out = remat.scan(step, init, xs, T, False, 1)
-            return sum(jnp.sum(a).astype(jnp.float32) for a in _split_diff(out)[0])
+    return _probe_costs(key, build, init_a)
 
-        def grad(consts, init, xs):
-            return jax.grad(loss)(_split_diff((consts, init))[0], consts, init, xs)
 
-        return grad, (consts_a, init_a, xs_a)
+def _probe_grad(run: Callable) -> Callable:
+    """``grad(a, init, xs)``: the gradient, for the float leaves of ``a`` and
+    ``init``, of the sum of every float output of ``run(a, init, xs)``."""
 
+    def loss(diff, a, init, xs):
+        _, other, merge = _split_diff((a, init))
+        a, init = merge(diff, other)
+        return sum(jnp.sum(o).astype(jnp.float32) for o in _split_diff(run(a, init, xs))[0])
+
+    return lambda a, init, xs: jax.grad(loss)(_split_diff((a, init))[0], a, init, xs)
+
+
+def _probe_costs(key: tuple, build: Callable, init_a: Any) -> StepCosts:
+    """:func:`bpttjax.memory.step_costs` of ``build`` at the probe lengths, cached by ``key``."""
+    if key in _COSTS_CACHE:
+        return _COSTS_CACHE[key]
     C = memory.tree_bytes(init_a)
     costs = memory.step_costs(build, C, _PROBE_LENGTHS)
     # The probe takes init as an argument; a loss usually creates it (as a
@@ -329,29 +338,16 @@ def _layer_costs(layer: Any, init: Any) -> StepCosts:
     x_a = jax.ShapeDtypeStruct(layer.xs.shape[1:], layer.xs.dtype)
     options = (layer.reverse, layer.unroll, layer.hoist)
     key = ("layer", layer.split, layer.step_fn, repr((params_a, init_a, x_a, options)))
-    if key in _COSTS_CACHE:
-        return _COSTS_CACHE[key]
 
     def build(T):
-        def loss(diff, params, init, xs):
-            _, other, merge = _split_diff((params, init))
-            params, init = merge(diff, other)
+        def run(params, init, xs):
             probe = Layer(layer.split, layer.step_fn, params, xs, T, *options[:2], None, options[2])
-            out = probe.block(init, 0, T)
-            return sum(jnp.sum(a).astype(jnp.float32) for a in _split_diff(out)[0])
+            return probe.block(init, 0, T)
 
-        def grad(params, init, xs):
-            return jax.grad(loss)(_split_diff((params, init))[0], params, init, xs)
+        xs_a = jax.ShapeDtypeStruct((T, *x_a.shape), x_a.dtype)
+        return _probe_grad(run), (params_a, init_a, xs_a)
 
-        return grad, (params_a, init_a, jax.ShapeDtypeStruct((T, *x_a.shape), x_a.dtype))
-
-    C = memory.tree_bytes(init_a)
-    costs = memory.step_costs(build, C, _PROBE_LENGTHS)
-    costs = dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C)
-    if len(_COSTS_CACHE) > 256:
-        _COSTS_CACHE.clear()
-    _COSTS_CACHE[key] = costs
-    return costs
+    return _probe_costs(key, build, init_a)
 
 
 def _hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:
