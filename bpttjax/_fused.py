@@ -75,13 +75,17 @@ class Layer:
       reverse, unroll: as in :func:`bpttjax.scan`.
       truncation: ``None`` or a truncation strategy.
       hoist: compute a block's input projection as one product before its loop.
+      chunks: the number of row groups of the batch that the loops run as
+        independent chains (see :func:`_pieces`); 1 runs the batch whole.
     """
 
-    def __init__(self, split, step, params, xs, length, reverse, unroll, truncation, hoist):
+    def __init__(
+        self, split, step, params, xs, length, reverse, unroll, truncation, hoist, chunks=1
+    ):
         self.split, self.step_fn = split, step
         self.params, self.xs, self.length = params, xs, length
         self.reverse, self.unroll = reverse, unroll
-        self.truncation, self.hoist = truncation, hoist
+        self.truncation, self.hoist, self.chunks = truncation, hoist, chunks
 
     def step(self, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
         """One step with this layer's parameters: ``f(carry, x)`` for :func:`bpttjax.scan`."""
@@ -155,6 +159,71 @@ def _pretransposed(params: Any) -> Callable[[], Any]:
     return lambda: jax.tree.map(lambda a: a.T if is_matrix(a) else a, transposed)
 
 
+def _pieces(carry: Any, xs: jax.Array, n: int) -> list:
+    """The batch's row groups ``(offset, size)`` for ``n`` chains, or ``[None]`` for one.
+
+    Every batch row's recurrence is independent of the others'. Split into
+    groups that the loop bodies run side by side, a step is ``n`` chains of
+    small operations with no dependence between them, and XLA's CPU runtime
+    runs independent operations concurrently on its threads: the gates and
+    activations of one group run beside the other's, where a whole-batch step
+    runs them one after the other (the products alone are split over the
+    threads either way). ``n`` groups need a batch axis shared by the carry
+    and the inputs, of at least ``n`` rows.
+    """
+    leaves = jax.tree.leaves(carry)
+    if n <= 1 or xs.ndim < 3 or xs.shape[1] < 2:
+        return [None]
+    rows = xs.shape[1]
+    if any(jnp.ndim(a) < 2 or jnp.shape(a)[0] != rows for a in leaves):
+        return [None]
+    n = min(n, rows)
+    return [(rows * j // n, rows * (j + 1) // n - rows * j // n) for j in range(n)]
+
+
+def _rows(tree: Any, piece: Any, axis: int = 0) -> Any:
+    """Rows ``piece = (offset, size)`` of every leaf along ``axis``; all of them for ``None``."""
+    if piece is None:
+        return tree
+    start, size = piece
+    return jax.tree.map(lambda a: jax.lax.slice_in_dim(a, start, start + size, axis=axis), tree)
+
+
+def _start(a: jax.Array, t: Any, piece: tuple) -> tuple:
+    """The start of step ``t``'s rows ``piece`` in a stack ``a``, in ``t``'s integer type."""
+    t = jnp.asarray(t)
+    return (t, jnp.asarray(piece[0], t.dtype)) + (jnp.zeros((), t.dtype),) * (a.ndim - 2)
+
+
+def _get(stacks: Any, t: jax.Array, piece: Any) -> Any:
+    """Step ``t``'s rows ``piece`` of stacks ``(steps, batch, ...)``: ``_index`` for ``None``."""
+    if piece is None:
+        return _index(stacks, t)
+
+    def get(a):
+        return jax.lax.dynamic_slice(a, _start(a, t, piece), (1, piece[1], *a.shape[2:]))[0]
+
+    return jax.tree.map(get, stacks)
+
+
+def _put(stacks: Any, t: jax.Array, piece: Any, value: Any) -> Any:
+    """``value`` written as step ``t``'s rows ``piece`` of ``stacks``: ``_store`` for ``None``."""
+    if piece is None:
+        return _store(stacks, t, value)
+
+    def put(a, v):
+        return jax.lax.dynamic_update_slice(a, v[None].astype(a.dtype), _start(a, t, piece))
+
+    return jax.tree.map(put, stacks, value)
+
+
+def _join(parts: list) -> Any:
+    """The row groups' trees put back together along the batch axis."""
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+
+
 def _block_vjp(layer: Layer) -> Callable:
     """``block(params, carry, xs, scales)``: a custom_vjp closing over the layer's functions.
 
@@ -181,8 +250,18 @@ def _block_vjp(layer: Layer) -> Callable:
 
     def forward(params, carry, xs):
         inputs, step = stepper(params, xs)
-        body = lambda c, a: step(c, a)[:2]
-        return jax.lax.scan(body, carry, inputs, reverse=layer.reverse, unroll=layer.unroll)
+        pieces = _pieces(carry, xs, layer.chunks)
+        if pieces == [None]:
+            body = lambda c, a: step(c, a)[:2]
+            return jax.lax.scan(body, carry, inputs, reverse=layer.reverse, unroll=layer.unroll)
+
+        def chains(cs, a):
+            news = [step(c, _rows(a, p)) for p, c in zip(pieces, cs, strict=True)]
+            return [c for c, _, _ in news], _join([y for _, y, _ in news])
+
+        cs = [_rows(carry, p) for p in pieces]
+        cs, ys = jax.lax.scan(chains, cs, inputs, reverse=layer.reverse, unroll=layer.unroll)
+        return _join(cs), ys
 
     def first_last(n):
         """The first and the last step the forward loop runs, and each step's predecessor."""
@@ -222,34 +301,40 @@ def _block_vjp(layer: Layer) -> Callable:
         inputs, step = stepper(params, xs)
         leaves = jax.tree.leaves(carry)
         kept = [i for i in range(len(leaves)) if i != k]
+        pieces = _pieces(carry, xs, layer.chunks)
 
-        def write(c, c_new, y, z, t, bufs):
+        def write(cs, news, t, bufs):
+            """Each row group's new carry, its values written into the stacks."""
             zs, ys, others = bufs
-            c_leaves = jax.tree.leaves(c)
-            zs = _store(zs, z_slot(k, n, t), z)
-            ys = _store(ys, t, y)
-            others = _store(others, t, [c_leaves[i] for i in kept])
-            return c_new, (zs, ys, others)
+            for p, c, (_, y, z) in zip(pieces, cs, news, strict=True):
+                c_leaves = jax.tree.leaves(c)
+                zs = _put(zs, z_slot(k, n, t), p, z)
+                ys = _put(ys, t, p, y)
+                others = _put(others, t, p, [c_leaves[i] for i in kept])
+            return [c_new for c_new, _, _ in news], (zs, ys, others)
 
         # The first step runs before the loop: the stacks are made from its
         # values, so that they have their sharding (an explicit mesh) and their
         # varying axes (shard_map), as lax.scan's stacked outputs would.
         t0 = n - 1 if layer.reverse else 0
-        c1, y0, z0 = step(carry, _index(inputs, t0))
+        cs = [_rows(carry, p) for p in pieces]
+        x0 = _index(inputs, t0)
+        news = [step(c, _rows(x0, p)) for p, c in zip(pieces, cs, strict=True)]
+        _, y0, z0 = _join(news)
         if k is not None:
             _check_output_leaf(sp, sp.elem_args(params), carry, z0, k)
 
         bufs = _stack_zeros(n, (z0, y0, [leaves[i] for i in kept]))
-        state = write(carry, c1, y0, z0, t0, bufs)
+        state = write(cs, news, t0, bufs)
 
         def loop(j, state):
-            c, bufs = state
+            cs, bufs = state
             t = (n - 1 - j) if layer.reverse else j
-            c_new, y, z = step(c, _index(inputs, t))
-            return write(c, c_new, y, z, t, bufs)
+            news = [step(c, _get(inputs, t, p)) for p, c in zip(pieces, cs, strict=True)]
+            return write(cs, news, t, bufs)
 
-        carry_out, (zs, ys, others) = jax.lax.fori_loop(1, n, loop, state, unroll=layer.unroll)
-        return carry_out, ys, zs, others
+        cs, (zs, ys, others) = jax.lax.fori_loop(1, n, loop, state, unroll=layer.unroll)
+        return _join(cs), ys, zs, others
 
     @jax.custom_vjp
     def block(params, carry, xs, scales):
@@ -272,16 +357,18 @@ def _block_vjp(layer: Layer) -> Callable:
         k = output_leaf(init, xs)
         kept = [i for i in range(len(init_leaves)) if i != k]
 
-        def entering_carry(t):
-            """The carry entering step ``t``, from the kept stacks (and the outputs)."""
+        pieces = _pieces(init, xs, layer.chunks)
+
+        def entering_carry(t, p):
+            """Rows ``p`` of the carry entering step ``t``: the kept stacks' (and outputs')."""
             if k is None:
-                return _index(kept_stacks, t)
+                return _get(kept_stacks, t, p)
             first, _, prev = first_last(n)
             leaves = [None] * len(init_leaves)
             for o, i in zip(kept_stacks, kept, strict=True):
-                leaves[i] = _index(o, t)
-            y_prev = _index(ys_res, jnp.clip(prev(t), 0, n - 1))
-            leaves[k] = jnp.where(t == first, init_leaves[k], y_prev)
+                leaves[i] = _get(o, t, p)
+            y_prev = _get(ys_res, jnp.clip(prev(t), 0, n - 1), p)
+            leaves[k] = jnp.where(t == first, _rows(init_leaves[k], p), y_prev)
             return jax.tree.unflatten(treedef, leaves)
 
         x_width = jax.eval_shape(sp.project, params, xs[0]).shape[-1]
@@ -304,26 +391,37 @@ def _block_vjp(layer: Layer) -> Callable:
                 )
             return (dc, _add(dpe, dpe_t)), dz
 
-        acc0 = (d_carry, jax.tree.map(jnp.zeros_like, pe))
         index = (lambda j: j) if layer.reverse else (lambda j: n - 1 - j)
 
         # Each step's dz is written over its own z in the residual stack, which
         # becomes the stack of dz: one stack of that size, not two (the LSTM's
         # StoreAll temp memory 393 -> 262 MB at T = 1,000, B = 32, H = 256).
-        # The next step's z is read from the stack after the write, and carried:
-        # read from the stack before it (or fused into the step's ops), it made
-        # XLA copy the whole stack at every step to keep the write in place.
+        # The next step's z is read from the stack after the writes, and
+        # carried: read from the stack before them (or fused into the step's
+        # ops), it made XLA copy the whole stack at every step to keep the
+        # write in place. Each row group carries its own cotangent and z.
         def loop(j, state):
-            acc, stack, z = state
+            dcs, dpe, stack, zs_t = state
             t = index(j)
             s = None if scales is None else scales[t]
-            acc, dz = body(acc, (entering_carry(t), z, _index(d_ys, t), s))
-            stack = _store(stack, z_slot(k, n, t), dz)
-            return acc, stack, _index(stack, z_slot(k, n, index(jnp.minimum(j + 1, n - 1))))
+            steps = []
+            for p, dc, z in zip(pieces, dcs, zs_t, strict=True):
+                (dc, dpe), dz = body((dc, dpe), (entering_carry(t, p), z, _get(d_ys, t, p), s))
+                steps.append((dc, dz))
+            for p, (_, dz) in zip(pieces, steps, strict=True):
+                stack = _put(stack, z_slot(k, n, t), p, dz)
+            t_next = index(jnp.minimum(j + 1, n - 1))
+            zs_t = [_get(stack, z_slot(k, n, t_next), p) for p in pieces]
+            return [dc for dc, _ in steps], dpe, stack, zs_t
 
-        (d_init, d_pe), dzs, _ = jax.lax.fori_loop(
-            0, n, loop, (acc0, zs, _index(zs, z_slot(k, n, index(0)))), unroll=layer.unroll
+        state = (
+            [_rows(d_carry, p) for p in pieces],
+            jax.tree.map(jnp.zeros_like, pe),
+            zs,
+            [_get(zs, z_slot(k, n, index(0)), p) for p in pieces],
         )
+        dcs, d_pe, dzs, _ = jax.lax.fori_loop(0, n, loop, state, unroll=layer.unroll)
+        d_init = _join(dcs)
 
         # The products over every step of the block. On one device as matrices
         # (steps and batch merged: XLA's CPU products are fastest so); on several,

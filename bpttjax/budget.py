@@ -336,12 +336,14 @@ def _layer_costs(layer: Any, init: Any) -> StepCosts:
 
     params_a, init_a = _abstract(layer.params), _abstract(init)
     x_a = jax.ShapeDtypeStruct(layer.xs.shape[1:], layer.xs.dtype)
-    options = (layer.reverse, layer.unroll, layer.hoist)
+    options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
     key = ("layer", layer.split, layer.step_fn, repr((params_a, init_a, x_a, options)))
 
     def build(T):
         def run(params, init, xs):
-            probe = Layer(layer.split, layer.step_fn, params, xs, T, *options[:2], None, options[2])
+            probe = Layer(
+                layer.split, layer.step_fn, params, xs, T, *options[:2], None, *options[2:]
+            )
             return probe.block(init, 0, T)
 
         xs_a = jax.ShapeDtypeStruct((T, *x_a.shape), x_a.dtype)

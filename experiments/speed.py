@@ -12,6 +12,8 @@ one recurrent layer run over ``xs: (T, B, D)`` from a zero carry (float32,
   snapshots, 10 at ``T = 1,000``): the library's whole-sequence layer
   ``bj.cells.run`` (while that does not exist, ``bj.scan`` over the cell's
   step, which it wraps; the row's note says which ran).
+* ``bj.StoreAll (batch_chunks=2)``: the same layer running the batch as two
+  independent chains in each loop step (``run``'s opt-in ``batch_chunks``).
 * ``flax.nnx.RNN`` on Flax's cell (``OptimizedLSTMCell`` for the LSTM), the
   gradient taken with respect to its ``nnx.Param`` state (``nnx.split``/``merge``).
 * ``equinox checkpointed``: ``equinox.internal.scan(kind="checkpointed")``
@@ -251,10 +253,10 @@ def _scan_loss(point: Point):
     return loss
 
 
-def layer(cell: str, params, carry, xs, remat):
-    """``bj.cells.run`` where the library has it, else ``bj.scan`` over the cell's step."""
+def layer(cell: str, params, carry, xs, remat, **options):
+    """``bj.cells.run`` with ``options`` where the library has it, else ``bj.scan`` of the step."""
     if hasattr(bj.cells, "run"):
-        return bj.cells.run(cell, params, carry, xs, remat=remat)
+        return bj.cells.run(cell, params, carry, xs, remat=remat, **options)
     return bj.scan(functools.partial(bj.cells.get(cell).step, params), carry, xs, remat=remat)
 
 
@@ -262,14 +264,14 @@ def _layer_note(point: Point) -> str:
     return "bj.cells.run" if hasattr(bj.cells, "run") else "bj.scan (no bj.cells.run yet)"
 
 
-def bj_method(name: str, remat: Callable[[Point], bj.RematStrategy]) -> Method:
-    """The library's layer under the strategy ``remat(point)``."""
+def bj_method(name: str, remat: Callable[[Point], bj.RematStrategy], **options) -> Method:
+    """The library's layer under the strategy ``remat(point)``, with ``run``'s ``options``."""
 
     def make_loss(point: Point):
         strategy = remat(point)
 
         def loss(params, xs):
-            _, ys = layer(point.cell, params, _carry(point, xs), xs, strategy)
+            _, ys = layer(point.cell, params, _carry(point, xs), xs, strategy, **options)
             return _mean_square(ys)
 
         return loss
@@ -422,6 +424,7 @@ def _cudnn_prepare(point: Point, params: dict, xs, threads: int) -> Prepared:
 METHODS: tuple[Method, ...] = (
     Method(BASELINE, jax_method(_scan_loss)),
     bj_method("bj.StoreAll", lambda p: bj.StoreAll()),
+    bj_method("bj.StoreAll (batch_chunks=2)", lambda p: bj.StoreAll(), batch_chunks=2),
     bj_method("bj.Nested(2)", lambda p: bj.Nested(2)),
     bj_method("bj.Binomial(log2 T)", lambda p: bj.Binomial(common.log2_snapshots(p.T))),
     Method("flax.nnx.RNN", _nnx_prepare, "flax", PEER_CELLS),
@@ -432,7 +435,8 @@ METHODS: tuple[Method, ...] = (
 """Every method, in the table's order; the first is the baseline."""
 METHOD_NAMES = tuple(m.name for m in METHODS)
 _ALIASES = {"torch": TORCH, "nnx": "flax.nnx.RNN", "eqx": "equinox checkpointed",
-            "cudnn": "jax.experimental.rnn", "binomial": "bj.Binomial(log2 T)"}  # fmt: skip
+            "cudnn": "jax.experimental.rnn", "binomial": "bj.Binomial(log2 T)",
+            "chunks": "bj.StoreAll (batch_chunks=2)"}  # fmt: skip
 
 
 def _norm(name: str) -> str:

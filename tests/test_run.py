@@ -27,7 +27,7 @@ CUTS = {
 }
 
 
-def problem(cell: str, T: int, key: int = 0, width: int = D):
+def problem(cell: str, T: int, key: int = 0, width: int = D, batch: tuple = (B,)):
     c = bj.cells.get(cell)
     k = jax.random.split(jax.random.key(key), 4)
     params = c.init(k[0], width, H, jnp.float64)
@@ -39,9 +39,9 @@ def problem(cell: str, T: int, key: int = 0, width: int = D):
     )
     carry = jax.tree.map(
         lambda a: a + 0.3 * jax.random.normal(k[2], a.shape, a.dtype),
-        c.initial_carry(H, (B,), jnp.float64),
+        c.initial_carry(H, batch, jnp.float64),
     )
-    xs = jax.random.normal(k[3], (T, B, width), jnp.float64)
+    xs = jax.random.normal(k[3], (T, *batch, width), jnp.float64)
     return c, params, carry, xs
 
 
@@ -55,15 +55,15 @@ def loss_of(run):
     return loss
 
 
-def check(cell, T, remat, truncation, reverse, hoist=False, width=D):
-    c, params, carry, xs = problem(cell, T, width=width)
+def check(cell, T, remat, truncation, reverse, hoist=False, width=D, batch=(B,), chunks=1):
+    c, params, carry, xs = problem(cell, T, width=width, batch=batch)
     kw = dict(reverse=reverse, truncation=truncation)
 
     def ref(p, c0, x):
         return bj.scan(functools.partial(c.step, p), c0, x, remat=bj.StoreAll(), **kw)
 
     def got(p, c0, x):
-        return bj.cells.run(cell, p, c0, x, remat=remat, hoist=hoist, **kw)
+        return bj.cells.run(cell, p, c0, x, remat=remat, hoist=hoist, batch_chunks=chunks, **kw)
 
     assert_trees_close(jax.jit(got)(params, carry, xs), ref(params, carry, xs))
     want = jax.grad(loss_of(ref), argnums=(0, 1, 2))(params, carry, xs)
@@ -98,6 +98,45 @@ def test_inputs_wider_than_the_carry(cell):
     """Inputs wider than the hidden state: the residuals keep the carries, not the outputs."""
     check(cell, 9, bj.StoreAll(), bj.Truncate(every=4), True, width=H + 2)
     check(cell, 10, bj.Nested(2), None, False, width=H + 2)
+
+
+# (chunks, strategy, cut, width): uneven groups, more groups than rows, the
+# outputs standing in for the carry (narrow inputs) or not (wide).
+CHUNKED = [
+    (2, bj.StoreAll(), "full", D),
+    (3, bj.Nested(2), "truncate-reverse", D),
+    (7, bj.StoreAll(), "random", H + 2),
+]
+
+
+@pytest.mark.parametrize("chunks, remat, cut, width", CHUNKED, ids=lambda v: str(v))
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_chunks_match_scan(cell, chunks, remat, cut, width):
+    """The batch run as independent row groups: the same values and gradients."""
+    truncation, reverse = CUTS[cut]
+    check(cell, 9, remat, truncation, reverse, width=width, batch=(5,), chunks=chunks)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_chunks_other_batch_shapes(cell):
+    """Several batch axes are grouped along the first; unbatched inputs run whole."""
+    check(cell, 6, bj.StoreAll(), None, True, batch=(3, 2), chunks=2, hoist=True)
+    check(cell, 5, bj.Nested(2), bj.Truncate(every=2), False, batch=(), chunks=2)
+
+
+def test_batch_chunks_run_as_separate_chains():
+    """Each row group has its own products in the loops (forward and backward)."""
+    _, params, carry, xs = problem("rnn", 6, batch=(5,))
+
+    def products(chunks, batch_axis=True):
+        x, c = (xs, carry) if batch_axis else (xs[:, 0], carry[0])
+        run = lambda p: bj.cells.run("rnn", p, c, x, batch_chunks=chunks)
+        text = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(run(p)[1])))(params))
+        return text.count("dot_general")
+
+    one = products(1)
+    assert products(2) > one and products(3) > products(2)
+    assert products(3, batch_axis=False) == products(1, batch_axis=False)
 
 
 def _cell_state_first_lstm(output_leaf):
@@ -290,6 +329,11 @@ def test_rejects_bad_arguments():
         bj.cells.run("rnn", params, carry, xs, hoist="yes")
     with pytest.raises(TypeError, match="got the class Nested"):
         bj.cells.run("rnn", params, carry, xs, remat=bj.Nested)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match=r"run\(batch_chunks=...\) expects a positive int"):
+            bj.cells.run("rnn", params, carry, xs, batch_chunks=bad)
+    with pytest.raises(ValueError, match=r"run\(batch_chunks=...\) must be at least 1, got 0"):
+        bj.cells.run("rnn", params, carry, xs, batch_chunks=0)
     with pytest.raises(TypeError, match="truncation"):
         bj.cells.run("rnn", params, carry, xs, truncation=3)
     with pytest.raises(ValueError, match="hidden state must have shape"):
