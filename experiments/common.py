@@ -356,9 +356,9 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str, dpi: int = 110) -> str:
-    """Lay out, write and close a matplotlib figure; returns ``path``."""
-    fig.tight_layout()
+def save_figure(fig, path: str, dpi: int = 110, rect: tuple | None = None) -> str:
+    """Lay out (inside ``rect`` if given), write and close a matplotlib figure; returns ``path``."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path

@@ -730,9 +730,15 @@ def plot(rows: Sequence[SpeedRow], cells: Sequence[str], path: str, title: str) 
         ax.set(ylabel=f"speed relative to {ref} (higher is faster)")
         ax.set_title(cell)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:  # below the panels, where it hides no bar
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(4, len(legend)),
+                   fontsize=8)  # fmt: skip
     fig.suptitle(title)
-    return common.save_figure(fig, path)
+    return common.save_figure(fig, path, rect=(0, 0.14 if legend else 0, 1, 1))
 
 
 # ------------------------------------------------------------------ main ---
