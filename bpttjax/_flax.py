@@ -201,6 +201,7 @@ def fast_scan(
     remat: RematStrategy,
     truncation: TruncationStrategy | None,
     unroll: int | bool,
+    batch_chunks: int = 1,
 ) -> tuple[Any, Any]:
     """The registered cell ``name`` over time-major ``xs``, with Flax's carry convention.
 
@@ -208,8 +209,8 @@ def fast_scan(
     :func:`~bpttjax.cells.init_gru` (``"gru"``) or
     :func:`~bpttjax.cells.init_lstm` (``"lstm"``); the LSTM's carry is Flax's
     ``(c, h)`` here and the library's ``(h, c)`` inside. The loop is
-    ``bj.cells.run`` where the library has it, ``bj.scan`` over the cell's
-    step otherwise (the same semantics).
+    ``bj.cells.run`` (with ``batch_chunks``) where the library has it,
+    ``bj.scan`` over the cell's step otherwise (the same semantics).
     """
     lstm = name == "lstm"
     if lstm:
@@ -217,7 +218,7 @@ def fast_scan(
     kw = dict(remat=remat, truncation=truncation, reverse=reverse, unroll=unroll)
     run_cell = getattr(cells, "run", None)
     if run_cell is not None and not stack_carries:
-        carry, ys = run_cell(name, params, carry, xs, **kw)
+        carry, ys = run_cell(name, params, carry, xs, batch_chunks=batch_chunks, **kw)
     else:
         step = functools.partial(cells.get(name).step, params)
         carry, ys = scan_step(step, carry, xs, stack_carries=stack_carries, **kw)

@@ -692,7 +692,7 @@ def run(
         )
     if not isinstance(hoist, bool):
         raise TypeError(f"run(hoist=...) expects True or False, got {hoist!r}")
-    batch_chunks = _check_chunks(batch_chunks)
+    batch_chunks = _check_chunks("run", batch_chunks)
     if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
         raise ValueError(
             f"run(xs=...) expects an array of shape (T, ..., input_size), got {_scan._describe(xs)}"
@@ -725,12 +725,12 @@ def run(
     return remat.scan_layer(layer, carry)
 
 
-def _check_chunks(batch_chunks: Any) -> int:
-    """``run``'s ``batch_chunks``, checked."""
+def _check_chunks(fn: str, batch_chunks: Any) -> int:
+    """``fn``'s ``batch_chunks`` (see :func:`run`), checked."""
     if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int | np.integer):
-        raise TypeError(f"run(batch_chunks=...) expects a positive int, got {batch_chunks!r}")
+        raise TypeError(f"{fn}(batch_chunks=...) expects a positive int, got {batch_chunks!r}")
     if batch_chunks < 1:
-        raise ValueError(f"run(batch_chunks=...) must be at least 1, got {batch_chunks}")
+        raise ValueError(f"{fn}(batch_chunks=...) must be at least 1, got {batch_chunks}")
     return int(batch_chunks)
 
 

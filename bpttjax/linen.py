@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from . import _flax
+from . import _flax, cells
 from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
 
@@ -56,6 +56,10 @@ class RNN(nn.Module):
         padding stays at the end.
       keep_order: with ``reverse``, return the outputs in the inputs' order.
       unroll: steps per loop iteration, as ``jax.lax.scan``'s ``unroll``.
+      batch_chunks: for the cells the library runs itself (those of
+        :func:`bpttjax.cells.run`), run each step as this many independent
+        chains of batch rows; faster or slower depending on the sizes (see
+        ``bj.cells.run``). Default 1; other cells ignore it.
       variable_axes: only ``nn.RNN``'s default ``{}``.
       variable_broadcast: only ``nn.RNN``'s default ``"params"``: the cell's
         variables are read once and shared by every step.
@@ -98,6 +102,7 @@ class RNN(nn.Module):
     reverse: bool = False
     keep_order: bool = False
     unroll: int = 1
+    batch_chunks: int = 1
     variable_axes: Mapping[Any, Any] = FrozenDict()
     variable_broadcast: Any = "params"
     variable_carry: Any = False
@@ -108,6 +113,7 @@ class RNN(nn.Module):
     def __post_init__(self):
         _check_cell(self.cell)
         _flax.check_strategies("RNN", self.remat, self.truncation)
+        cells._check_chunks("RNN", self.batch_chunks)
         defaults = (
             ("variable_axes", FrozenDict(), lambda v: not v),
             ("variable_broadcast", "params", lambda v: v == "params"),
@@ -180,7 +186,9 @@ class RNN(nn.Module):
             name, params = fast
 
             def scan_fn(carry, xs, **kw):
-                return _flax.fast_scan(name, params, carry, xs, **kw, **loop)
+                return _flax.fast_scan(
+                    name, params, carry, xs, batch_chunks=self.batch_chunks, **kw, **loop
+                )
         else:
 
             def step(carry, x):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
 
-from . import _flax
+from . import _flax, cells
 from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
 
@@ -62,6 +62,10 @@ class RNN(nnx.Module):
         padding stays at the end.
       keep_order: with ``reverse``, return the outputs in the inputs' order.
       unroll: steps per loop iteration, as ``jax.lax.scan``'s ``unroll``.
+      batch_chunks: for the cells the library runs itself (those of
+        :func:`bpttjax.cells.run`), run each step as this many independent
+        chains of batch rows; faster or slower depending on the sizes (see
+        ``bj.cells.run``). Default 1; other cells ignore it.
       state_axes: only ``None`` (every variable of the cell is carried from
         step to step, ``nnx.RNN``'s default).
       broadcast_rngs: only ``None`` (``nnx.RNN``'s default).
@@ -102,6 +106,7 @@ class RNN(nnx.Module):
         reverse: bool = False,
         keep_order: bool = False,
         unroll: int = 1,
+        batch_chunks: int = 1,
         state_axes: Any = None,
         broadcast_rngs: Any = None,
         rngs: nnx.Rngs | bool = True,
@@ -129,6 +134,7 @@ class RNN(nnx.Module):
         self.reverse = reverse
         self.keep_order = keep_order
         self.unroll = unroll
+        self.batch_chunks = cells._check_chunks("RNN", batch_chunks)
         self.rngs: nnx.RngStream | None
         if rngs is True:
             self.rngs = nnx.RngStream(0, tag="carry")
@@ -196,7 +202,9 @@ class RNN(nnx.Module):
             name, params = fast
 
             def scan_fn(carry, xs, **kw):
-                return _flax.fast_scan(name, params, carry, xs, **kw, **loop)
+                return _flax.fast_scan(
+                    name, params, carry, xs, batch_chunks=self.batch_chunks, **kw, **loop
+                )
         else:
             scan_fn = self._generic_scan(loop)
 

@@ -308,8 +308,38 @@ def test_linen_options(kind, option):
     assert_trees_close(got, want)
 
 
+def test_batch_chunks(monkeypatch):
+    """``batch_chunks`` reaches ``bj.cells.run`` on the fast path, with Flax's results."""
+    chunks = []
+    run = bj.cells.run
+
+    def spy(*args, batch_chunks=1, **kw):
+        chunks.append(batch_chunks)
+        return run(*args, batch_chunks=batch_chunks, **kw)
+
+    monkeypatch.setattr(bj.cells, "run", spy)
+    x = jnp.concatenate([inputs()] * 2)  # 4 rows: two groups of 2
+    models = [
+        nnx.RNN(nnx_cell("LSTMCell"), return_carry=True),
+        bj.nnx.RNN(nnx_cell("LSTMCell"), return_carry=True, batch_chunks=2),
+    ]
+    want, got = nnx_results([(model, x, {}) for model in models])
+    assert_trees_close(got, want)
+    modules = [
+        nn.RNN(linen_cell("GRUCell"), reverse=True),
+        bj.linen.RNN(linen_cell("GRUCell"), reverse=True, batch_chunks=3),
+    ]
+    _, (want, got) = linen_results(modules, x)
+    assert_trees_close(got, want)
+    assert sorted(set(chunks)) == [2, 3]
+
+
 def test_errors():
     gru = nnx_cell("GRUCell")
+    with pytest.raises(ValueError, match=r"RNN\(batch_chunks=\.\.\.\) must be at least 1"):
+        bj.nnx.RNN(gru, batch_chunks=0)
+    with pytest.raises(TypeError, match=r"RNN\(batch_chunks=\.\.\.\) expects a positive int"):
+        bj.linen.RNN(nn.GRUCell(H), batch_chunks=1.5)
     with pytest.raises(TypeError, match=r"RNN\(remat=\.\.\.\) expects a bpttjax remat strategy"):
         bj.nnx.RNN(gru, remat="binomial")
     with pytest.raises(TypeError, match=r"got the class Binomial; write remat=Binomial\("):
