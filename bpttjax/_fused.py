@@ -169,16 +169,29 @@ def _pieces(carry: Any, xs: jax.Array, n: int) -> list:
     activations of one group run beside the other's, where a whole-batch step
     runs them one after the other (the products alone are split over the
     threads either way). ``n`` groups need a batch axis shared by the carry
-    and the inputs, of at least ``n`` rows.
+    and the inputs, of at least ``n`` rows, held whole by this device.
     """
     leaves = jax.tree.leaves(carry)
-    if n <= 1 or xs.ndim < 3 or xs.shape[1] < 2:
+    if n <= 1 or xs.ndim < 3 or xs.shape[1] < 2 or not _batch_is_local():
         return [None]
     rows = xs.shape[1]
     if any(jnp.ndim(a) < 2 or jnp.shape(a)[0] != rows for a in leaves):
         return [None]
     n = min(n, rows)
     return [(rows * j // n, rows * (j + 1) // n - rows * j // n) for j in range(n)]
+
+
+def _batch_is_local() -> bool:
+    """Whether the arrays traced here are one device's own: one device, or inside ``shard_map``.
+
+    A batch sharded over several devices (``jax.jit`` of sharded inputs, an
+    explicit mesh) is not split into row groups: the groups' slices would cut
+    across the devices' shards (an explicit mesh refuses such slices).
+    """
+    if jax.device_count() == 1:
+        return True
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
 
 
 def _rows(tree: Any, piece: Any, axis: int = 0) -> Any:

@@ -651,8 +651,9 @@ def run(
         at ``B = 256`` or ``H = 128`` (``docs/layers.md`` has the table). So
         it is off (1) unless you ask; time it at your sizes. Values,
         gradients and memory do not depend on it. A GPU runs a step's
-        operations one after another: keep 1 there. With unbatched inputs
-        the step runs whole.
+        operations one after another: keep 1 there. The step runs whole
+        with unbatched inputs, and with several devices except inside
+        ``jax.shard_map`` (a batch sharded across devices is not sliced).
 
     Returns:
       ``(carry, ys)`` as :func:`bpttjax.scan`.

@@ -102,13 +102,15 @@ def problem(cell: str, seed: int = 0):
     return params, h0, xs
 
 
-def loss_fn(cell: str, remat, truncation, *, layer: bool = False, batch: int = B):
+def loss_fn(cell: str, remat, truncation, *, layer: bool = False, batch: int = B, chunks: int = 1):
     """``loss(params, h0, xs) -> (loss, (carry, ys))``: the batch mean of a per-step loss."""
     step = bj.cells.get(cell).step
 
     def loss(params, h0, xs):
         if layer:
-            carry, ys = bj.cells.run(cell, params, h0, xs, remat=remat, truncation=truncation)
+            carry, ys = bj.cells.run(
+                cell, params, h0, xs, remat=remat, truncation=truncation, batch_chunks=chunks
+            )
         else:
             f = functools.partial(step, params)
             carry, ys = bj.scan(f, h0, xs, remat=remat, truncation=truncation)
@@ -150,8 +152,10 @@ def assert_like_reference(got, cell: str, truncation: str) -> None:
     assert_trees_close(jax.device_get(grads), grads0)
 
 
-def mesh_1d(axis_type=AxisType.Explicit):
-    return jax.make_mesh((DEVICES,), ("data",), axis_types=(axis_type,))
+def mesh_1d(axis_type=AxisType.Explicit, devices: int = DEVICES):
+    return jax.make_mesh(
+        (devices,), ("data",), axis_types=(axis_type,), devices=jax.devices()[:devices]
+    )
 
 
 def on_mesh(tree, sharding_of):
@@ -221,19 +225,24 @@ def check_jit_1d(remat, cell: str, truncation: str) -> None:
     assert_like_reference(got, cell, truncation)
 
 
-def check_shard_map(remat, cell: str, truncation: str, vma: bool, layer: bool = False) -> None:
+def check_shard_map(
+    remat, cell: str, truncation: str, vma: bool, layer: bool = False, chunks: int = 1, devices=None
+) -> None:
     """``jax.shard_map`` over the batch, each device's gradients averaged with ``pmean``.
 
     With ``vma`` (JAX's default ``check_vma=True``) the replicated parameters
     are first made device-varying (``pcast``): otherwise their gradient comes
     back already summed over the devices, and a ``pmean`` would leave it
     ``N`` times too large. Without, ``check_vma=False`` gives per-device
-    gradients, as the classic data-parallel recipe assumes.
+    gradients, as the classic data-parallel recipe assumes. ``chunks`` is
+    ``bj.cells.run``'s ``batch_chunks``; ``devices`` the mesh's size.
     """
-    mesh = mesh_1d()
-    local_b = B // DEVICES
+    mesh = mesh_1d(devices=devices or DEVICES)
+    local_b = B // mesh.size
     remat = binding(remat, cell, local_b)
-    local_loss = loss_fn(cell, remat, TRUNCATIONS[truncation], layer=layer, batch=local_b)
+    local_loss = loss_fn(
+        cell, remat, TRUNCATIONS[truncation], layer=layer, batch=local_b, chunks=chunks
+    )
 
     def local(params, h0, xs):
         if vma:
@@ -316,25 +325,25 @@ for i, (sid, remat) in enumerate(STRATEGIES.items()):
 # --- bj.cells.run, the whole-sequence layer -----------------------------------------------
 
 
-def check_run_auto(remat, cell: str, truncation: str) -> None:
+def check_run_auto(remat, cell: str, truncation: str, chunks: int = 1) -> None:
     """``bj.cells.run`` under ``jax.jit`` of a batch-sharded input (1-D mesh, GSPMD)."""
     mesh = mesh_1d(AxisType.Auto)
     params, h0, xs = problem(cell)
     params, h0, xs = batch_on_mesh(mesh, params, h0, xs)
-    loss = loss_fn(cell, remat, TRUNCATIONS[truncation], layer=True)
+    loss = loss_fn(cell, remat, TRUNCATIONS[truncation], layer=True, chunks=chunks)
     got = jax.jit(value_and_grads(loss))(params, h0, xs)
     assert_like_reference(got, cell, truncation)
     (_, (carry, ys)), (_, g_h0, g_xs) = got
     assert_batch_sharded(carry, ys, g_h0, g_xs)
 
 
-def check_run_explicit(remat, cell: str, truncation: str) -> None:
+def check_run_explicit(remat, cell: str, truncation: str, chunks: int = 1) -> None:
     """``bj.cells.run`` under ``jax.jit`` over an explicit mesh."""
     mesh = mesh_1d()
     params, h0, xs = problem(cell)
     with jax.set_mesh(mesh):
         params, h0, xs = batch_on_mesh(mesh, params, h0, xs)
-        loss = loss_fn(cell, remat, TRUNCATIONS[truncation], layer=True)
+        loss = loss_fn(cell, remat, TRUNCATIONS[truncation], layer=True, chunks=chunks)
         got = jax.jit(value_and_grads(loss))(params, h0, xs)
     assert_like_reference(got, cell, truncation)
 
@@ -356,6 +365,19 @@ for j, (sid, remat) in enumerate(_RUN.items()):
     check(f"run, jit 2-D GSPMD | {sid} | {cell} | {tr}")(
         functools.partial(check_mesh_2d, remat, cell, tr, False, layer=True)
     )
+
+
+# batch_chunks: row groups inside shard_map (4 rows per device); a batch sharded over
+# the devices (GSPMD, explicit mesh) runs whole, with the same results.
+check("run batch_chunks=2, shard_map on 2 devices | StoreAll | lstm | " + ROTATION[0])(
+    functools.partial(check_shard_map, bj.StoreAll(), "lstm", ROTATION[0], True, True, 2, 2)
+)
+check("run batch_chunks=2, jit 1-D GSPMD | Nested-2 | gru | " + ROTATION[1])(
+    functools.partial(check_run_auto, bj.Nested(2), "gru", ROTATION[1], 2)
+)
+check("run batch_chunks=2, jit 1-D explicit | StoreAll | rnn | " + ROTATION[2])(
+    functools.partial(check_run_explicit, bj.StoreAll(), "rnn", ROTATION[2], 2)
+)
 
 
 # --- memory per device --------------------------------------------------------------------
