@@ -166,10 +166,11 @@ def _pieces(carry: Any, xs: jax.Array, n: int) -> list:
     groups that the loop bodies run side by side, a step is ``n`` chains of
     small operations with no dependence between them, and XLA's CPU runtime
     runs independent operations concurrently on its threads: the gates and
-    activations of one group run beside the other's, where a whole-batch step
-    runs them one after the other (the products alone are split over the
-    threads either way). ``n`` groups need a batch axis shared by the carry
-    and the inputs, of at least ``n`` rows, held whole by this device.
+    activations of one group run beside the other's, and so do the groups'
+    products, which XLA splits over the threads only when they are large.
+    Whether that pays depends on the sizes (``docs/layers.md``). ``n`` groups
+    need a batch axis shared by the carry and the inputs, held whole by this
+    device; more groups than rows give one row each.
     """
     leaves = jax.tree.leaves(carry)
     if n <= 1 or xs.ndim < 3 or xs.shape[1] < 2 or not _batch_is_local():
