@@ -238,6 +238,22 @@ def _join(parts: list) -> Any:
     return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
 
 
+def _dz_stack(sp: Any, params: Any, init: Any, xs: jax.Array, d_ys: Any) -> Any:
+    """Zeros for the stack of ``dz`` over the block's steps, made from the outputs' cotangent.
+
+    From ``d_ys``, so that the stack has its sharding (an explicit mesh) and
+    its varying axes (``shard_map``), as :func:`_mix_transpose`'s zeros do.
+    """
+    z = jax.eval_shape(
+        lambda p, c, x: sp.mix(sp.project(p, x), sp.hidden(p, c)), params, init, xs[0]
+    )
+    ref = jax.tree.leaves(d_ys)[0]
+    zero = jnp.zeros_like(ref[..., :1])
+    return jax.tree.map(
+        lambda a: jnp.broadcast_to(zero, (ref.shape[0], *a.shape)).astype(a.dtype), z
+    )
+
+
 def _block_vjp(layer: Layer) -> Callable:
     """``block(params, carry, xs, scales)``: a custom_vjp closing over the layer's functions.
 
@@ -310,7 +326,10 @@ def _block_vjp(layer: Layer) -> Callable:
         return jnp.where(t == first, last, prev(t))
 
     def forward_keep(params, carry, xs, k):
-        """The forward loop, keeping ``z``, the outputs and the carry's leaves other than ``k``."""
+        """The forward loop, keeping the outputs, the carry's leaves other than ``k``, and ``z``.
+
+        ``z`` only without ``Split.output_vjp`` (``zs`` is ``None`` then).
+        """
         n = xs.shape[0]
         inputs, step = stepper(params, xs)
         leaves = jax.tree.leaves(carry)
@@ -322,7 +341,8 @@ def _block_vjp(layer: Layer) -> Callable:
             zs, ys, others = bufs
             for p, c, (_, y, z) in zip(pieces, cs, news, strict=True):
                 c_leaves = jax.tree.leaves(c)
-                zs = _put(zs, z_slot(k, n, t), p, z)
+                if zs is not None:
+                    zs = _put(zs, z_slot(k, n, t), p, z)
                 ys = _put(ys, t, p, y)
                 others = _put(others, t, p, [c_leaves[i] for i in kept])
             return [c_new for c_new, _, _ in news], (zs, ys, others)
@@ -338,7 +358,8 @@ def _block_vjp(layer: Layer) -> Callable:
         if k is not None:
             _check_output_leaf(sp, sp.elem_args(params), carry, z0, k)
 
-        bufs = _stack_zeros(n, (z0, y0, [leaves[i] for i in kept]))
+        keep_z = sp.output_vjp is None
+        bufs = _stack_zeros(n, (z0 if keep_z else None, y0, [leaves[i] for i in kept]))
         state = write(cs, news, t0, bufs)
 
         def loop(j, state):
@@ -357,10 +378,12 @@ def _block_vjp(layer: Layer) -> Callable:
     def block_fwd(params, carry, xs, scales):
         k = output_leaf(carry, xs)
         carry_out, ys, zs, others = forward_keep(params, carry, xs, k)
+        # the outputs are residuals where they stand in for the carry's leaf k,
+        # or where elem's VJP is taken from them
+        ys_res = None if k is None and sp.output_vjp is None else ys
         if k is None:
             others = jax.tree.unflatten(jax.tree.structure(carry), others)
-            return (carry_out, ys), (params, xs, carry, others, None, zs, scales)
-        return (carry_out, ys), (params, xs, carry, others, ys, zs, scales)
+        return (carry_out, ys), (params, xs, carry, others, ys_res, zs, scales)
 
     def block_bwd(res, cotangents):
         params, xs, init, kept_stacks, ys_res, zs, scales = res
@@ -390,10 +413,14 @@ def _block_vjp(layer: Layer) -> Callable:
         loop_params = _pretransposed(params)
 
         def body(acc, inputs):
+            """One step back; ``r`` is the step's ``z``, or its output ``y`` with ``output_vjp``."""
             dc, dpe = acc
-            c, z, dy, s = inputs
-            _, elem_vjp = jax.vjp(sp.elem, pe, c, z)
-            dpe_t, dc_direct, dz = elem_vjp((dc, dy))
+            c, r, dy, s = inputs
+            if sp.output_vjp is None:
+                _, elem_vjp = jax.vjp(sp.elem, pe, c, r)
+                dpe_t, dc_direct, dz = elem_vjp((dc, dy))
+            else:
+                dpe_t, dc_direct, dz = sp.output_vjp(pe, c, r, (dc, dy))
             _, dhw = _mix_transpose(sp.mix, dz, x_width, h_width)
             _, hidden_vjp = jax.vjp(lambda c: sp.hidden(loop_params(), c), c)
             (dc_hidden,) = hidden_vjp(dhw)
@@ -414,25 +441,34 @@ def _block_vjp(layer: Layer) -> Callable:
         # carried: read from the stack before them (or fused into the step's
         # ops), it made XLA copy the whole stack at every step to keep the
         # write in place. Each row group carries its own cotangent and z.
+        # With output_vjp there is no stack of z: the dz go into a stack of
+        # their own, and each step reads its output instead.
+        keep_z = zs is not None
+
+        def residual(stack, t, p):
+            return _get(stack, z_slot(k, n, t), p) if keep_z else None
+
         def loop(j, state):
             dcs, dpe, stack, zs_t = state
             t = index(j)
             s = None if scales is None else scales[t]
             steps = []
             for p, dc, z in zip(pieces, dcs, zs_t, strict=True):
-                (dc, dpe), dz = body((dc, dpe), (entering_carry(t, p), z, _get(d_ys, t, p), s))
+                r = z if keep_z else _get(ys_res, t, p)
+                (dc, dpe), dz = body((dc, dpe), (entering_carry(t, p), r, _get(d_ys, t, p), s))
                 steps.append((dc, dz))
             for p, (_, dz) in zip(pieces, steps, strict=True):
                 stack = _put(stack, z_slot(k, n, t), p, dz)
             t_next = index(jnp.minimum(j + 1, n - 1))
-            zs_t = [_get(stack, z_slot(k, n, t_next), p) for p in pieces]
+            zs_t = [residual(stack, t_next, p) for p in pieces]
             return [dc for dc, _ in steps], dpe, stack, zs_t
 
+        stack = zs if keep_z else _dz_stack(sp, params, init, xs, d_ys)
         state = (
             [_rows(d_carry, p) for p in pieces],
             jax.tree.map(jnp.zeros_like, pe),
-            zs,
-            [_get(zs, z_slot(k, n, index(0)), p) for p in pieces],
+            stack,
+            [residual(stack, index(0), p) for p in pieces],
         )
         dcs, d_pe, dzs, _ = jax.lax.fori_loop(0, n, loop, state, unroll=layer.unroll)
         d_init = _join(dcs)

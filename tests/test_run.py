@@ -7,6 +7,7 @@ suite) and, for full BPTT, a hand-written ``jax.lax.scan``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -194,10 +195,40 @@ def test_split_rejects_bad_fields():
         bj.cells.Split(ok.project, ok.hidden, ok.mix, ok.elem, bulk_vjp=3)
     with pytest.raises(TypeError, match=r"Split\(elem=...\) expects a callable"):
         bj.cells.Split(ok.project, ok.hidden, ok.mix, None)
+    with pytest.raises(TypeError, match=r"Split\(output_vjp=...\) expects None or a callable"):
+        bj.cells.Split(ok.project, ok.hidden, ok.mix, ok.elem, output_vjp="tanh")
     _, params, (h0, c0), xs = problem("lstm", 4)
     three = _cell_state_first_lstm(output_leaf=2)
     with pytest.raises(ValueError, match=r"Split\(output_leaf=2\) names a carry leaf"):
         jax.grad(loss_of(lambda p, c, x: bj.cells.run(three, p, c, x)))(params, (c0, h0), xs)
+
+
+@pytest.mark.parametrize("width", [D, H + 2], ids=["narrow-inputs", "wide-inputs"])
+def test_output_vjp_replaces_elems_vjp(width):
+    """The rnn's ``Split.output_vjp`` is what the backward loop uses, and it is exact.
+
+    The same cell with it dropped, and with it scaled, against ``bj.scan``:
+    the first agrees, the second must not.
+    """
+    rnn = bj.cells.get("rnn")
+    _, params, carry, xs = problem("rnn", 7, width=width)
+    ref = jax.grad(loss_of(lambda p, c, x: bj.scan(functools.partial(rnn.step, p), c, x)))
+
+    def grads(output_vjp):
+        split = dataclasses.replace(rnn.split, output_vjp=output_vjp)
+        cell = dataclasses.replace(rnn, name="rnn_variant", split=split)
+        return jax.grad(loss_of(lambda p, c, x: bj.cells.run(cell, p, c, x)))(params, carry, xs)
+
+    def doubled(pe, h, y, cotangents):
+        d_pe, d_h, dz = rnn.split.output_vjp(pe, h, y, cotangents)
+        return d_pe, d_h, 2 * dz
+
+    want = ref(params, carry, xs)
+    assert rnn.split.output_vjp is not None
+    assert_trees_close(grads(rnn.split.output_vjp), want)
+    assert_trees_close(grads(None), want)
+    wrong = grads(doubled)
+    assert not jnp.allclose(wrong["W_hh"], want["W_hh"])
 
 
 def test_short_sequences():
