@@ -42,19 +42,26 @@ def _add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
+def _zeros_from(tree: Any, shape: tuple, dtype: Any = None) -> jax.Array:
+    """Zeros of ``shape`` made from ``tree``'s first leaf (its dtype unless ``dtype`` is given).
+
+    Broadcast from a zero of that leaf, so that they have its sharding (an
+    explicit mesh) and its varying axes (``shard_map``), which abstract
+    shapes would not carry; ``shape`` extends the leaf's leading axes.
+    """
+    ref = jax.tree.leaves(tree)[0]
+    zeros = jnp.broadcast_to(jnp.zeros_like(ref[..., :1]), shape)
+    return zeros if dtype is None else zeros.astype(dtype)
+
+
 def _mix_transpose(mix: Callable, dz: Any, x_width: int, h_width: int) -> tuple:
     """``(d xw, d hw)`` from ``d z``: the transpose of the linear ``mix``.
 
-    Taken as the VJP of ``mix`` at zeros made from ``dz`` itself, so that they
-    have its sharding (an explicit mesh) and its varying axes (``shard_map``),
-    which abstract shapes would not carry.
+    Taken as the VJP of ``mix`` at zeros made from ``dz`` itself
+    (:func:`_zeros_from`).
     """
-    ref = jax.tree.leaves(dz)[0]
-    zero = jnp.zeros_like(ref[..., :1])
-
-    def zeros(width):
-        return jnp.broadcast_to(zero, ref.shape[:-1] + (width,))
-
+    rows = jax.tree.leaves(dz)[0].shape[:-1]
+    zeros = lambda width: _zeros_from(dz, (*rows, width))
     _, mix_vjp = jax.vjp(mix, zeros(x_width), zeros(h_width))
     return mix_vjp(dz)
 
@@ -239,19 +246,12 @@ def _join(parts: list) -> Any:
 
 
 def _dz_stack(sp: Any, params: Any, init: Any, xs: jax.Array, d_ys: Any) -> Any:
-    """Zeros for the stack of ``dz`` over the block's steps, made from the outputs' cotangent.
-
-    From ``d_ys``, so that the stack has its sharding (an explicit mesh) and
-    its varying axes (``shard_map``), as :func:`_mix_transpose`'s zeros do.
-    """
+    """Zeros for the stack of ``dz`` over the block's steps, made from the outputs'
+    cotangent (:func:`_zeros_from`)."""
     z = jax.eval_shape(
         lambda p, c, x: sp.mix(sp.project(p, x), sp.hidden(p, c)), params, init, xs[0]
     )
-    ref = jax.tree.leaves(d_ys)[0]
-    zero = jnp.zeros_like(ref[..., :1])
-    return jax.tree.map(
-        lambda a: jnp.broadcast_to(zero, (ref.shape[0], *a.shape)).astype(a.dtype), z
-    )
+    return jax.tree.map(lambda a: _zeros_from(d_ys, (xs.shape[0], *a.shape), a.dtype), z)
 
 
 def _block_vjp(layer: Layer) -> Callable:
