@@ -5,6 +5,7 @@ devices when its backend starts, so these checks run in their own process:
 
     python tests/_sharded_checks.py            # every check
     python tests/_sharded_checks.py binomial   # those whose name contains it
+    python tests/_sharded_checks.py --part 1/2 # every second check, from the first
 
 Each check prints ``ok``, ``FAIL`` (with the reason), ``known failure`` or
 ``XPASS`` (a known failure that now passes: remove its mark); the exit status
@@ -520,7 +521,12 @@ def main(argv: list[str]) -> int:
     if jax.device_count() != DEVICES:
         print(f"FAIL setup: {jax.device_count()} devices, expected {DEVICES}")
         return 1
+    part, count = 0, 1
+    if argv[:1] == ["--part"]:
+        part, count = (int(v) for v in argv[1].split("/"))
+        part, argv = part - 1, argv[2:]
     chosen = [c for c in CHECKS if not argv or any(a.lower() in c[0].lower() for a in argv)]
+    chosen = chosen[part::count]
     failed, start = [], time.perf_counter()
     for name, fn, known in chosen:
         t0 = time.perf_counter()

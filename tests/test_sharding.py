@@ -1,9 +1,10 @@
-"""Beyond one device: ``_sharded_checks.py`` on 8 simulated CPU devices, in one subprocess.
+"""Beyond one device: ``_sharded_checks.py`` on 8 simulated CPU devices, in two subprocesses.
 
 JAX fixes the number of CPU devices when its backend starts, and the rest of
-the suite runs on one, so every multi-device check runs in a single child
-process (compiling each case once, about 40 s on 2 cores); its output names
-each check that failed.
+the suite runs on one, so the multi-device checks run in two child processes,
+each taking every second check (compiling each case once, about 45 s each on
+2 cores, so that two test workers share them); the output names each check
+that failed.
 """
 
 import dataclasses
@@ -20,7 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.slow
-def test_sharded_checks_on_8_devices():
+@pytest.mark.parametrize("part", ["1/2", "2/2"])
+def test_sharded_checks_on_8_devices(part):
     env = dict(os.environ)
     flags = common._DEVICE_FLAG.sub("", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
@@ -29,7 +31,7 @@ def test_sharded_checks_on_8_devices():
         p for p in (os.path.dirname(HERE), env.get("PYTHONPATH")) if p
     )
     done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_sharded_checks.py")],
+        [sys.executable, os.path.join(HERE, "_sharded_checks.py"), "--part", part],
         env=env,
         capture_output=True,
         text=True,
