@@ -23,6 +23,7 @@ step by step through :func:`bpttjax.scan`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,7 @@ def _mix_transpose(mix: Callable, dz: Any, x_width: int, h_width: int) -> tuple:
     return mix_vjp(dz)
 
 
+@dataclasses.dataclass(kw_only=True, eq=False)
 class Layer:
     """A cell with its parameters, inputs and options, runnable by any strategy.
 
@@ -86,13 +88,16 @@ class Layer:
         independent chains (see :func:`_pieces`); 1 runs the batch whole.
     """
 
-    def __init__(
-        self, split, step, params, xs, length, reverse, unroll, truncation, hoist, chunks=1
-    ):
-        self.split, self.step_fn = split, step
-        self.params, self.xs, self.length = params, xs, length
-        self.reverse, self.unroll = reverse, unroll
-        self.truncation, self.hoist, self.chunks = truncation, hoist, chunks
+    split: Any
+    step_fn: Callable
+    params: Any
+    xs: jax.Array
+    length: int
+    reverse: bool = False
+    unroll: int | bool = 1
+    truncation: Any = None
+    hoist: bool = False
+    chunks: int = 1
 
     def step(self, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
         """One step with this layer's parameters: ``f(carry, x)`` for :func:`bpttjax.scan`."""

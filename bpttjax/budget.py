@@ -332,8 +332,6 @@ def _layer_costs(layer: Any, init: Any) -> StepCosts:
     As :func:`_measured_costs` for plain BPTT, with the block that
     ``StoreAll`` runs for :func:`bpttjax.cells.run` in place of the scan.
     """
-    from ._fused import Layer
-
     params_a, init_a = _abstract(layer.params), _abstract(init)
     x_a = jax.ShapeDtypeStruct(layer.xs.shape[1:], layer.xs.dtype)
     options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
@@ -341,9 +339,7 @@ def _layer_costs(layer: Any, init: Any) -> StepCosts:
 
     def build(T):
         def run(params, init, xs):
-            probe = Layer(
-                layer.split, layer.step_fn, params, xs, T, *options[:2], None, *options[2:]
-            )
+            probe = dataclasses.replace(layer, params=params, xs=xs, length=T, truncation=None)
             return probe.block(init, 0, T)
 
         xs_a = jax.ShapeDtypeStruct((T, *x_a.shape), x_a.dtype)

@@ -731,16 +731,16 @@ def run(
         xs,
     )
     layer = _fused.Layer(
-        cell.split,
-        cell.step,
-        params,
-        jnp.asarray(xs),
-        xs.shape[0],
-        bool(reverse),
-        unroll,
-        truncation,
-        hoist,
-        batch_chunks,
+        split=cell.split,
+        step_fn=cell.step,
+        params=params,
+        xs=jnp.asarray(xs),
+        length=xs.shape[0],
+        reverse=bool(reverse),
+        unroll=unroll,
+        truncation=truncation,
+        hoist=hoist,
+        chunks=batch_chunks,
     )
     return remat.scan_layer(layer, carry)
 
