@@ -523,10 +523,19 @@ def main(argv: list[str]) -> int:
         return 1
     part, count = 0, 1
     if argv[:1] == ["--part"]:
-        part, count = (int(v) for v in argv[1].split("/"))
+        try:
+            part, count = (int(v) for v in argv[1].split("/"))
+        except (IndexError, ValueError):
+            part = count = 0
+        if not 1 <= part <= count:
+            print(f"FAIL setup: --part expects i/n with 1 <= i <= n, got {argv[1:2]}")
+            return 1
         part, argv = part - 1, argv[2:]
     chosen = [c for c in CHECKS if not argv or any(a.lower() in c[0].lower() for a in argv)]
     chosen = chosen[part::count]
+    if not chosen:
+        print(f"FAIL setup: no check chosen by {sys.argv[1:]}")
+        return 1
     failed, start = [], time.perf_counter()
     for name, fn, known in chosen:
         t0 = time.perf_counter()

@@ -2,8 +2,8 @@
 
 JAX fixes the number of CPU devices when its backend starts, and the rest of
 the suite runs on one, so the multi-device checks run in two child processes,
-each taking every second check (compiling each case once, about 45 s each on
-2 cores, so that two test workers share them); the output names each check
+each taking every second check (compiling each case once, about 45 and 65 s
+on 2 cores, so that two test workers share them); the output names each check
 that failed.
 """
 
