@@ -348,6 +348,41 @@ def test_budget_plans_the_fused_layer(cell):
     assert temp(tight) <= tight.bytes
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_budget_runs_the_fused_nested_instead_of_a_long_binomial(cell):
+    """Budget under run: where bj.scan's plan would be a Binomial recomputing
+    more than 1.5 forward passes, the fused Nested(2) runs if its measured
+    memory fits; below that memory, the Binomial runs. Both stay within the
+    budget.
+    """
+    c = bj.cells.get(cell)
+    T = 1000
+    params = c.init(jax.random.key(0), 8, 32)
+    carry = c.initial_carry(32, (4,))
+    xs = jnp.ones((T, 4, 8), jnp.float32)
+    step = functools.partial(c.step, params)
+    C = sum(a.nbytes for a in jax.tree.leaves(carry))
+
+    def temp(remat):
+        def loss(p, x):  # the loss Budget's probes measure with
+            return sum(
+                jnp.sum(a) for a in jax.tree.leaves(bj.cells.run(cell, p, carry, x, remat=remat))
+            )
+
+        return bj.memory.measure(jax.grad(loss), params, xs).temp_bytes
+
+    nested = temp(bj.Nested(2))
+    fits = bj.Budget(int((nested + C) / 0.95) + 1)  # Budget adds the carry a loss creates
+    plan = fits.plan(step, carry, xs)
+    assert isinstance(plan.strategy, bj.Binomial), plan
+    assert plan.recomputed_steps > 1.5 * T, plan
+    assert temp(fits) == nested <= fits.bytes
+    below = bj.Budget(int(0.97 * nested))
+    assert isinstance(below.plan(step, carry, xs).strategy, bj.Binomial)
+    got = temp(below)
+    assert got != nested and got <= below.bytes
+
+
 def test_rejects_bad_arguments():
     c, params, carry, xs = problem("rnn", 3)
     with pytest.raises(ValueError, match="unknown cell 'tanh'"):
