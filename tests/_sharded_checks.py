@@ -27,8 +27,9 @@ every program compiled once:
   and keep the input's sharding.
 * ``bj.cells.run`` under ``StoreAll`` and ``Nested``: the same comparisons.
 * ``bj.memory.measure`` reports per-device bytes and the number of devices;
-  ``Budget(bytes)`` holds per device; ``experiments/memory_vs_length.py
-  --devices N``.
+  ``Budget(bytes)`` holds per device; under ``bj.cells.run`` on a mesh it runs
+  the fused ``Nested(2)`` where a long ``Binomial`` would otherwise run;
+  ``experiments/memory_vs_length.py --devices N``.
 """
 
 from __future__ import annotations
@@ -457,6 +458,43 @@ def check_budget_shard_map():
     print(f"    budget {budget:,} B, per-device temp {rep.temp_bytes:,} B; plan: {plan}")
     assert rep.devices == DEVICES and rep.temp_bytes <= budget
     assert plan.strategy != bj.StoreAll()  # the budget binds
+
+
+@check("Budget under bj.cells.run on a mesh: the fused Nested(2) where a long Binomial would run")
+def check_budget_fused_nested_on_mesh():
+    cell, T, B, D, H = "gru", 1000, DEVICES, 3, 16
+    c = bj.cells.get(cell)
+    params = c.init(jax.random.key(0), D, H, jnp.float64)
+    carry = c.initial_carry(H, (B,), jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float64)
+
+    def grad(remat):
+        def loss(p, x, h):
+            out = bj.cells.run(cell, p, h, x, remat=remat)
+            return sum(jnp.sum(a) for a in jax.tree.leaves(out))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    # the budget: what the fused Nested(2) needs, measured unsharded as Budget measures it
+    C = bj.memory.tree_bytes(carry)
+    nested = bj.memory.measure(grad(bj.Nested(2)), params, xs, carry).temp_bytes
+    budget = bj.Budget(int((nested + C) / 0.95) + 1)
+    plan = budget.plan(functools.partial(c.step, params), carry, xs)
+    assert isinstance(plan.strategy, bj.Binomial) and plan.recomputed_steps > 1.5 * T, plan
+    mesh = mesh_1d()
+    xs_s = jax.device_put(xs, NamedSharding(mesh, P(None, "data")))
+    carry_s = jax.device_put(carry, NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+        got = grad(budget)(params, xs_s, carry_s)
+        rep = bj.memory.measure(grad(budget), params, xs_s, carry_s)
+        want_rep = bj.memory.measure(grad(bj.Nested(2)), params, xs_s, carry_s)
+    print(
+        f"    budget {budget.bytes:,} B; per-device temp {rep.temp_bytes:,} B, Nested(2)'s "
+        f"{want_rep.temp_bytes:,} B; the plan for bj.scan: {plan.strategy}"
+    )
+    assert rep.temp_bytes == want_rep.temp_bytes <= budget.bytes  # the fused Nested(2) ran
+    assert_trees_close(got, grad(bj.StoreAll())(params, xs, carry))
+    assert_specs(got[1], (None, "data"), "xs gradient")
 
 
 # --- the benchmark's --devices ------------------------------------------------------------
