@@ -42,7 +42,6 @@ from .remat import (
     RematStrategy,
     StepCosts,
     StoreAll,
-    _residual_ratio,
     register,
 )
 
@@ -343,17 +342,39 @@ def _probe_grad(run: Callable) -> Callable:
 
 def _probe_costs(key: tuple, build: Callable, init_a: Any) -> StepCosts:
     """:func:`bpttjax.memory.step_costs` of ``build`` at the probe lengths, cached by ``key``."""
-    if key in _COSTS_CACHE:
-        return _COSTS_CACHE[key]
-    C = memory.tree_bytes(init_a)
-    costs = memory.step_costs(build, C, _PROBE_LENGTHS)
-    # The probe takes init as an argument; a loss usually creates it (as a
-    # zero state), which holds one more carry in working memory.
-    costs = dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C)
-    if len(_COSTS_CACHE) > 256:
-        _COSTS_CACHE.clear()
-    _COSTS_CACHE[key] = costs
-    return costs
+
+    def measure():
+        C = memory.tree_bytes(init_a)
+        costs = memory.step_costs(build, C, _PROBE_LENGTHS)
+        # The probe takes init as an argument; a loss usually creates it (as a
+        # zero state), which holds one more carry in working memory.
+        return dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C)
+
+    return _cached(_COSTS_CACHE, key, measure)
+
+
+def _cached(cache: dict, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``cache[key]``, computed on a miss; the cache is emptied past 256 entries."""
+    if key not in cache:
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = compute()
+    return cache[key]
+
+
+def _layer_key(kind: str, layer: Any, *shapes: Any) -> tuple:
+    """A cache key for a probe of ``layer``: its functions, ``shapes`` and options."""
+    options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
+    return (kind, layer.split, layer.step_fn, repr((*shapes, options)))
+
+
+def _outside_any_mesh():
+    """A context compiling a probe as one unsharded program, whatever mesh is in context.
+
+    Under ``jax.set_mesh`` with an explicit mesh, the unsharded probe of a
+    fused ``Nested(2)`` measured 1.2 MB instead of 0.19 MB.
+    """
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
 
 
 def _layer_costs(layer: Any, init: Any) -> StepCosts:
@@ -364,8 +385,7 @@ def _layer_costs(layer: Any, init: Any) -> StepCosts:
     """
     params_a, init_a = _abstract(layer.params), _abstract(init)
     x_a = jax.ShapeDtypeStruct(layer.xs.shape[1:], layer.xs.dtype)
-    options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
-    key = ("layer", layer.split, layer.step_fn, repr((params_a, init_a, x_a, options)))
+    key = _layer_key("layer", layer, params_a, init_a, x_a)
 
     def build(T):
         def run(params, init, xs):
@@ -380,36 +400,29 @@ def _layer_costs(layer: Any, init: Any) -> StepCosts:
 
 def _fused_nested(layer: Any, init: Any) -> Nested:
     """``Nested(2)`` with the level lengths it picks for this layer, made explicit."""
-    x0 = jax.tree.map(lambda a: a[:1], layer.xs)
-    ratio = _residual_ratio(layer.step, init, x0)
-    return Nested(lengths=Nested(2).level_lengths(layer.length, ratio))
+    return Nested(lengths=Nested(2).layer_lengths(layer, init))
 
 
 def _layer_temp(layer: Any, init: Any, strategy: RematStrategy) -> int:
     """XLA's temp bytes for the gradient of a layer run by ``strategy``, compiled at its length.
 
-    Measured like :func:`_layer_costs`'s probes (cached likewise), plus the
-    carry a loss usually creates; unsharded, so on several devices it is more
-    than each device's share.
+    Measured like :func:`_layer_costs`'s probes (unsharded, so on several
+    devices it is more than each device's share; cached likewise), plus the
+    carry a loss usually creates.
     """
     params_a, init_a, xs_a = _abstract(layer.params), _abstract(init), _abstract(layer.xs)
-    options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
-    key = ("layer temp", layer.split, layer.step_fn, repr((params_a, init_a, xs_a, options)))
-    key = (*key, strategy)
-    if key not in _TEMP_CACHE:
 
+    def measure():
         def run(params, init, xs):
             probe = dataclasses.replace(layer, params=params, xs=xs, truncation=None)
             return strategy.scan_layer(probe, init)
 
-        # Compiled outside any mesh in context: under jax.set_mesh with an
-        # explicit mesh, this unsharded probe measured 1.2 MB instead of 0.19 MB.
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        with _outside_any_mesh():
             temp = memory.measure(_probe_grad(run), params_a, init_a, xs_a).temp_bytes
-        if len(_TEMP_CACHE) > 256:
-            _TEMP_CACHE.clear()
-        _TEMP_CACHE[key] = temp + memory.tree_bytes(init_a)
-    return _TEMP_CACHE[key]
+        return temp + memory.tree_bytes(init_a)
+
+    key = (*_layer_key("layer temp", layer, params_a, init_a, xs_a), strategy)
+    return _cached(_TEMP_CACHE, key, measure)
 
 
 def _hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:

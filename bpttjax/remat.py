@@ -540,11 +540,16 @@ class Nested(RematStrategy):
             return jax.lax.scan(f, init, xs, length=0, reverse=reverse, unroll=unroll)
         return _nested_scan(f, init, xs, 0, length, lengths, reverse, unroll)
 
+    def layer_lengths(self, layer: Any, init: Any) -> tuple[int, ...]:
+        """The level lengths ``scan_layer`` uses for a ``bj.cells.run`` layer."""
+        if self.lengths is not None:
+            return self.level_lengths(layer.length)
+        x0 = jax.tree.map(lambda a: a[:1], layer.xs)
+        return self.level_lengths(layer.length, _residual_ratio(layer.step, init, x0))
+
     def scan_layer(self, layer, init):
         # The innermost blocks, whose residuals Nested keeps, run as whole blocks.
-        x0 = jax.tree.map(lambda a: a[:1], layer.xs)
-        ratio = 1.0 if self.lengths is not None else _residual_ratio(layer.step, init, x0)
-        lengths = self.level_lengths(layer.length, ratio)
+        lengths = self.layer_lengths(layer, init)
         return _nested_scan(
             None, init, None, 0, layer.length, lengths, layer.reverse, layer.unroll, layer.block
         )
