@@ -314,6 +314,21 @@ def test_memory_less_than_the_step_by_step_scan(cell, width):
         assert got <= ref - saved, (cell, remat, got, ref, z_stack, h_stack)
 
 
+def summed_temp(cell, params, carry, xs, remat, layer=True):
+    """Temp bytes of the gradient of the sum of every output (the loss Budget's
+    probes measure with), through ``run`` or, with ``layer=False``, ``bj.scan``."""
+    c = bj.cells.get(cell)
+
+    def loss(p, x):
+        if layer:
+            out = bj.cells.run(cell, p, carry, x, remat=remat)
+        else:
+            out = bj.scan(functools.partial(c.step, p), carry, x, remat=remat)
+        return sum(jnp.sum(a) for a in jax.tree.leaves(out))
+
+    return bj.memory.measure(jax.grad(loss), params, xs).temp_bytes
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_budget_plans_the_fused_layer(cell):
     """Budget under run: the fused StoreAll wherever its measured memory fits.
@@ -326,17 +341,7 @@ def test_budget_plans_the_fused_layer(cell):
     params = c.init(jax.random.key(0), 8, 32)
     carry = c.initial_carry(32, (4,))
     xs = jnp.ones((120, 4, 8), jnp.float32)
-
-    def temp(remat, layer=True):
-        # the loss Budget's probes measure with: the sum of every output
-        def loss(p, x):
-            if layer:
-                out = bj.cells.run(cell, p, carry, x, remat=remat)
-            else:
-                out = bj.scan(functools.partial(c.step, p), carry, x, remat=remat)
-            return sum(jnp.sum(a) for a in jax.tree.leaves(out))
-
-        return bj.memory.measure(jax.grad(loss), params, xs).temp_bytes
+    temp = functools.partial(summed_temp, cell, params, carry, xs)
 
     fused, plain = temp(bj.StoreAll()), temp(bj.StoreAll(), layer=False)
     assert fused < 0.9 * plain
@@ -361,15 +366,8 @@ def test_budget_runs_the_fused_nested_instead_of_a_long_binomial(cell):
     carry = c.initial_carry(32, (4,))
     xs = jnp.ones((T, 4, 8), jnp.float32)
     step = functools.partial(c.step, params)
-    C = sum(a.nbytes for a in jax.tree.leaves(carry))
-
-    def temp(remat):
-        def loss(p, x):  # the loss Budget's probes measure with
-            return sum(
-                jnp.sum(a) for a in jax.tree.leaves(bj.cells.run(cell, p, carry, x, remat=remat))
-            )
-
-        return bj.memory.measure(jax.grad(loss), params, xs).temp_bytes
+    C = bj.memory.tree_bytes(carry)
+    temp = functools.partial(summed_temp, cell, params, carry, xs)
 
     nested = temp(bj.Nested(2))
     fits = bj.Budget(int((nested + C) / 0.95) + 1)  # Budget adds the carry a loss creates
