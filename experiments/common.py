@@ -164,12 +164,26 @@ def request_cpu_devices(n: int) -> bool:
     return True
 
 
+def platforms(backend: str, known) -> str:
+    """The ``jax_platforms`` value that starts ``backend`` among the ``known`` platforms.
+
+    ``"gpu"`` is no platform of its own: JAX then tries both ``cuda`` and ``rocm``
+    and fails on the one it lacks. It becomes the GPU platforms this JAX has.
+    """
+    if backend != "gpu":
+        return backend
+    return ",".join(n for n in ("cuda", "rocm") if n in known) or backend
+
+
 def select_backend(p: argparse.ArgumentParser, backend: str) -> None:
     """Point JAX at ``backend``; only possible before JAX has started a backend."""
     from jax._src import xla_bridge
 
     if not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_platforms", backend)
+        names = platforms(backend, xla_bridge._backend_factories)
+        if names == "gpu":
+            p.error("--backend gpu: this JAX has no GPU platform (pip install jax[cuda13])")
+        jax.config.update("jax_platforms", names)
     try:
         actual = jax.default_backend()
     except RuntimeError as err:

@@ -163,6 +163,16 @@ def test_from_args():
     assert common.from_args(Config, args) == Config(3, "x")
 
 
+def test_gpu_backend_names_the_gpu_platforms_this_jax_has():
+    """``--backend gpu`` on a CUDA machine: JAX's ``gpu`` alone also tries ROCm, and fails."""
+    assert common.platforms("gpu", {"cpu": 0, "tpu": 0, "cuda": 0}) == "cuda"
+    assert common.platforms("gpu", ["cpu", "rocm"]) == "rocm"
+    assert common.platforms("gpu", ["cuda", "rocm"]) == "cuda,rocm"
+    assert common.platforms("gpu", ["cpu"]) == "gpu"  # JAX says what is missing
+    assert common.platforms("cpu", ["cpu", "cuda"]) == "cpu"
+    assert common.platforms("tpu", ["cpu"]) == "tpu"
+
+
 def test_progress_without_tqdm(monkeypatch):
     import sys
 
