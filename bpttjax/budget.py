@@ -12,6 +12,11 @@ whose prediction fits:
 3. :class:`~bpttjax.EveryStep` without a policy;
 4. :class:`~bpttjax.Binomial` with the most snapshots that fit.
 
+Then it compiles the chosen strategy's gradient at the full length and reads
+XLA's figure. Where that exceeds the budget (the model missed something on
+this backend), the excess is added to every prediction and the choice is made
+again, so what runs never needs more than the budget as XLA measures it.
+
 The budget is for XLA's working memory of the gradient (``temp_size_in_bytes``
 as reported by :func:`bpttjax.memory.measure`), per device; inputs and
 outputs are not part of it.
@@ -64,6 +69,8 @@ _SAFETY = 0.95
 """Plan to this fraction of the budget: predictions are within a few percent of XLA's."""
 _PROBE_LENGTHS = (64, 128)
 _FUSED_NESTED_OVER = 1.5  # forward passes; see Budget._layer_strategy
+_CHECKS = 4
+"""Choices compiled and measured before a budget the model keeps missing is refused."""
 
 
 def parse_bytes(value: int | str) -> int:
@@ -102,6 +109,9 @@ class Plan:
       budget_bytes: the budget.
       length: ``T``.
       costs: the measured :class:`~bpttjax.remat.StepCosts` of the step.
+      measured_bytes: XLA's temp bytes for the strategy's gradient, compiled
+        at ``length`` to check the prediction (None: not compiled, as from
+        :meth:`Budget.choose`, or under a mesh).
     """
 
     strategy: RematStrategy
@@ -110,6 +120,7 @@ class Plan:
     budget_bytes: int
     length: int
     costs: StepCosts
+    measured_bytes: int | None = None
 
     @property
     def snapshots(self) -> int | None:
@@ -118,16 +129,34 @@ class Plan:
 
     def __str__(self) -> str:
         passes = self.recomputed_steps / self.length if self.length else 0.0
+        measured = (
+            ""
+            if self.measured_bytes is None
+            else f", measured {_mb(self.measured_bytes)}"
+            f" ({self.measured_bytes / self.budget_bytes:.0%})"
+        )
         return (
             f"{self.strategy} for T={self.length}: predicted temp {_mb(self.temp_bytes)} "
             f"of a {_mb(self.budget_bytes)} budget "
-            f"({self.temp_bytes / self.budget_bytes:.0%}); "
+            f"({self.temp_bytes / self.budget_bytes:.0%}){measured}; "
             f"{self.recomputed_steps:,} recomputed steps ({passes:.2f} forward passes)"
         )
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.3g} MB"
+
+
+class _TooSmall(ValueError):
+    """A budget below what ``Binomial(1)`` needs; names the least budget that fits it."""
+
+    def __init__(self, budget: int, need: int, how: str):
+        least = math.ceil(need / _SAFETY)
+        super().__init__(
+            f"Budget(bytes={budget}) is too small for this scan: the least any strategy "
+            f"needs is Binomial(1) at a {how} {need:,} bytes; Budget({least}) would work "
+            f"({_mb(least)}, with a {1 - _SAFETY:.0%} margin; it recomputes about T**2/2 steps)"
+        )
 
 
 @register("budget")
@@ -145,7 +174,12 @@ class Budget(RematStrategy):
     Choice, at trace time (see :meth:`plan`): ``StoreAll`` if it fits, else
     ``EveryStep`` with the policy saving most that fits, else ``EveryStep()``,
     else ``Binomial`` with the most snapshots that fit. The plan aims at 95%
-    of the budget, as predictions are within a few percent of XLA's figure.
+    of the budget, as predictions are within a few percent of XLA's figure on
+    a CPU. The chosen strategy's gradient is then compiled at the full length;
+    where XLA's temp exceeds the budget (on an H200 the GRU's model missed a
+    constant ~0.4 MB), the excess is added to every prediction and the choice
+    made again. Under a mesh in context this check is skipped: the unsharded
+    program it would compile overstates each device's share.
 
     Under :func:`bpttjax.cells.run`, ``StoreAll`` is tried as the layer runs
     it, one fused block with its own measured costs (about half of plain
@@ -156,12 +190,13 @@ class Budget(RematStrategy):
     ``StoreAll``'s time against 1.4-1.9 for those ``Binomial`` schedules.
 
     Cost: that of the chosen strategy, plus two to four small compilations
-    each time the scan is traced (the step's measured costs are cached per
-    step program and shapes).
+    and one at the full length each time the scan is traced (the step's
+    measured costs and the check are cached per step program and shapes).
 
     Raises:
       ValueError: when even ``Binomial(1)`` does not fit; the message names
-        the smallest budget that would.
+        the smallest budget that would. Also when XLA's figure keeps
+        exceeding the budget after four choices.
 
     Example:
       >>> print(bj.Budget("8MB").plan(step, h0, xs))
@@ -202,7 +237,8 @@ class Budget(RematStrategy):
         """The strategy this budget runs for ``bj.scan(f, init, xs, length)``, and why.
 
         Compiles plain BPTT of ``f`` (and ``EveryStep`` with each policy) at
-        two short lengths to measure its :class:`~bpttjax.remat.StepCosts`.
+        two short lengths to measure its :class:`~bpttjax.remat.StepCosts`,
+        then the chosen strategy's gradient at ``length`` to check the choice.
         """
         T = _check_length(xs, length)
         return self._plan(_checked_step(f), init, xs, T)
@@ -212,13 +248,16 @@ class Budget(RematStrategy):
         length: int,
         costs: StepCosts,
         policy_costs: Sequence[tuple[RematStrategy, StepCosts]] = (),
+        missed: int = 0,
     ) -> Plan:
         """The plan for ``length`` steps with the step's measured costs (no compiling).
 
         ``policy_costs`` pairs each ``EveryStep(policy)`` with its measured
         per-step costs (its ``residual_bytes`` is what it keeps per step).
+        ``missed`` bytes are added to every prediction: what XLA measured
+        beyond the model's figure for an earlier choice.
         """
-        usable = _SAFETY * self.bytes
+        usable = _SAFETY * self.bytes - missed
         fits = lambda cost: cost.temp_bytes <= usable
         candidates = [(StoreAll(), StoreAll().cost(length, costs))]
         for strategy, pc in sorted(policy_costs, key=lambda sc: -sc[1].residual_bytes):
@@ -234,25 +273,57 @@ class Budget(RematStrategy):
         s = 1 + int((usable - least) // per_snapshot) if usable >= least else 0
         s = min(s, max(length - 1, 1))
         if s < 1:
-            least = math.ceil(least / _SAFETY)
-            raise ValueError(
-                f"Budget(bytes={self.bytes}) is too small for this scan: the least any "
-                f"strategy needs is Binomial(1) at a predicted {least:,} bytes "
-                f"({_mb(least)}, with a {1 - _SAFETY:.0%} margin); Budget({least}) would work "
-                "(it recomputes about T**2/2 steps)"
-            )
+            raise _TooSmall(self.bytes, least + missed, "predicted")
         strategy = Binomial(s)
         return self._made(strategy, strategy.cost(length, costs), length, costs)
 
     def _made(self, strategy: RematStrategy, cost: Cost, length: int, costs: StepCosts) -> Plan:
         return Plan(strategy, cost.temp_bytes, cost.recomputed_steps, self.bytes, length, costs)
 
-    def _plan(self, f: Callable, init: Any, xs: Any, length: int) -> Plan:
+    def _plan(
+        self,
+        f: Callable,
+        init: Any,
+        xs: Any,
+        length: int,
+        measure: Callable[[RematStrategy], int] | None = None,
+        check: bool = True,
+    ) -> Plan:
+        """:meth:`choose` with the step's measured costs, checked by compiling the choice.
+
+        ``measure(strategy)`` gives XLA's temp bytes for what runs (default:
+        ``bj.scan`` of ``f``). Where they exceed the budget, the excess over
+        the prediction is added to every prediction and the choice made again.
+        ``check=False``: the model's choice, not compiled.
+        """
         costs = _measured_costs(f, init, xs, None)
         policy_costs = [
             (EveryStep(p), _measured_costs(f, init, xs, EveryStep(p))) for p in self.policies
         ]
-        return self.choose(length, costs, policy_costs)
+        if not check or not jax.sharding.get_abstract_mesh().empty:
+            return self.choose(length, costs, policy_costs)
+        if measure is None:
+            measure = lambda strategy: _scan_temp(f, init, xs, length, strategy)
+        missed = 0
+        for _ in range(_CHECKS):
+            try:
+                plan = self.choose(length, costs, policy_costs, missed)
+            except _TooSmall:  # the model says even Binomial(1) does not fit: ask XLA
+                one = Binomial(1)
+                temp = measure(one)
+                if temp > self.bytes:
+                    raise _TooSmall(self.bytes, temp, "measured") from None
+                plan = self._made(one, one.cost(length, costs), length, costs)
+                return dataclasses.replace(plan, measured_bytes=temp)
+            temp = measure(plan.strategy)
+            if temp <= self.bytes:
+                return dataclasses.replace(plan, measured_bytes=temp)
+            missed = max(missed + 1, temp - plan.temp_bytes)
+        raise ValueError(
+            f"Budget(bytes={self.bytes}) cannot be met for this scan: XLA measured "
+            f"{temp:,} bytes for {plan.strategy} after {_CHECKS} choices, each made with "
+            "what the previous one missed"
+        )
 
     def cost(self, length, costs):
         plan = self.choose(length, costs)
@@ -277,17 +348,19 @@ class Budget(RematStrategy):
         chosen strategy runs the layer its own way.
         """
         usable = _SAFETY * self.bytes
-        if StoreAll().cost(layer.length, _layer_costs(layer, init)).temp_bytes <= usable:
+        measure = lambda strategy: _layer_temp(layer, init, strategy)
+        fused = StoreAll().cost(layer.length, _layer_costs(layer, init)).temp_bytes
+        if fused <= usable and measure(StoreAll()) <= self.bytes:
             return StoreAll()
-        plan = self._plan(layer.step, init, layer.xs, layer.length)
+        model = self._plan(layer.step, init, layer.xs, layer.length, check=False)
         if (
-            isinstance(plan.strategy, Binomial)
-            and plan.recomputed_steps > _FUSED_NESTED_OVER * layer.length
+            isinstance(model.strategy, Binomial)
+            and model.recomputed_steps > _FUSED_NESTED_OVER * layer.length
         ):
             nested = _fused_nested(layer, init)
-            if _layer_temp(layer, init, nested) <= usable:
+            if measure(nested) <= usable:
                 return nested
-        return plan.strategy
+        return self._plan(layer.step, init, layer.xs, layer.length, measure).strategy
 
 
 # --- measuring a step -------------------------------------------------------------------
@@ -307,14 +380,7 @@ def _measured_costs(f: Callable, init: Any, xs: Any, remat: RematStrategy | None
     respect to the step's float parameters and ``init``; the result is cached
     by the step's program, the shapes and ``remat``.
     """
-    init_a = _abstract(init)
-    x_a = (
-        None
-        if xs is None
-        else jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), _abstract(xs))
-    )
-    closed, consts = _hoist_constants(f, init_a, x_a)
-    consts_a = _abstract(consts)
+    closed, consts_a, init_a, x_a = _closed_step(f, init, xs)
     key = (str(closed.jaxpr), repr((init_a, x_a, consts_a)), remat)
     remat = remat or StoreAll()
 
@@ -423,6 +489,39 @@ def _layer_temp(layer: Any, init: Any, strategy: RematStrategy) -> int:
 
     key = (*_layer_key("layer temp", layer, params_a, init_a, xs_a), strategy)
     return _cached(_TEMP_CACHE, key, measure)
+
+
+def _scan_temp(f: Callable, init: Any, xs: Any, length: int, strategy: RematStrategy) -> int:
+    """XLA's temp bytes for the gradient of ``bj.scan(f, init, xs, length)`` under ``strategy``.
+
+    Measured like :func:`_measured_costs`'s probes (the same gradient, the
+    same carry added for a loss that creates it) at the full length; cached.
+    """
+    closed, consts_a, init_a, _ = _closed_step(f, init, xs)
+    xs_a = None if xs is None else _abstract(xs)
+
+    def measure():
+        run = lambda consts, init, xs: strategy.scan(
+            lambda c, x: closed(c, x, *consts), init, xs, length, False, 1
+        )
+        temp = memory.measure(_probe_grad(run), consts_a, init_a, xs_a).temp_bytes
+        return temp + memory.tree_bytes(init_a)
+
+    key = ("scan temp", str(closed.jaxpr), repr((init_a, xs_a, consts_a, length)), strategy)
+    return _cached(_TEMP_CACHE, key, measure)
+
+
+def _closed_step(f: Callable, init: Any, xs: Any) -> tuple[Callable, Any, Any, Any]:
+    """``f`` with its constants hoisted (:func:`_hoist_constants`), and the abstract
+    constants, ``init`` and one step's ``x``."""
+    init_a = _abstract(init)
+    x_a = (
+        None
+        if xs is None
+        else jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), _abstract(xs))
+    )
+    closed, consts = _hoist_constants(f, init_a, x_a)
+    return closed, _abstract(consts), init_a, x_a
 
 
 def _hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:
