@@ -300,7 +300,7 @@ class Budget(RematStrategy):
         policy_costs = [
             (EveryStep(p), _measured_costs(f, init, xs, EveryStep(p))) for p in self.policies
         ]
-        if not check or not jax.sharding.get_abstract_mesh().empty:
+        if not check or not _checking():
             return self.choose(length, costs, policy_costs)
         if measure is None:
             measure = lambda strategy: _scan_temp(f, init, xs, length, strategy)
@@ -341,16 +341,18 @@ class Budget(RematStrategy):
 
         Planned as ``bj.scan`` of the step, with two fused candidates: first
         ``StoreAll`` as the layer runs it, one fused block (52-65% of plain
-        BPTT's memory for the library's cells), with that block's measured
-        costs; and, where the plan for the step is a ``Binomial`` that
-        recomputes more than ``_FUSED_NESTED_OVER`` forward passes, ``Nested(2)``
-        with fused blocks if its memory, measured by compiling it, fits. The
-        chosen strategy runs the layer its own way.
+        BPTT's memory for the library's cells), predicted from that block's
+        measured costs and, outside a mesh, checked by compiling it; and,
+        where the plan for the step is a ``Binomial`` that recomputes more than
+        ``_FUSED_NESTED_OVER`` forward passes, ``Nested(2)`` with fused blocks
+        if its memory, measured by compiling it, fits. Otherwise the step's
+        plan, checked against the layer as it runs. The chosen strategy runs
+        the layer its own way.
         """
         usable = _SAFETY * self.bytes
         measure = lambda strategy: _layer_temp(layer, init, strategy)
         fused = StoreAll().cost(layer.length, _layer_costs(layer, init)).temp_bytes
-        if fused <= usable and measure(StoreAll()) <= self.bytes:
+        if fused <= usable and (not _checking() or measure(StoreAll()) <= self.bytes):
             return StoreAll()
         model = self._plan(layer.step, init, layer.xs, layer.length, check=False)
         if (
@@ -432,6 +434,12 @@ def _layer_key(kind: str, layer: Any, *shapes: Any) -> tuple:
     """A cache key for a probe of ``layer``: its functions, ``shapes`` and options."""
     options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
     return (kind, layer.split, layer.step_fn, repr((*shapes, options)))
+
+
+def _checking() -> bool:
+    """Whether a choice is checked by compiling it: not under a mesh in context, where
+    the unsharded program compiled overstates each device's share."""
+    return jax.sharding.get_abstract_mesh().empty
 
 
 def _outside_any_mesh():

@@ -72,7 +72,7 @@ def test_measured_temp_never_exceeds_the_budget(cell, T):
     params, xs, h0 = problem(cell, T)
     step = common.make_step(cell, params)
     chosen = []
-    for fraction in (0.01, 0.05, 0.2, 0.6, 1.2, 2.0):
+    for fraction in (0.01, 0.05, 0.2, 1.2, 2.0):
         budget = bj.Budget(int(fraction * plain))
         try:
             plan = budget.plan(step, h0, xs)
@@ -250,13 +250,18 @@ def small_budget(fraction, xs_none=False):
     [(2.0, bj.StoreAll), (0.5, bj.EveryStep), (0.22, bj.Binomial)],
     ids=["StoreAll", "EveryStep", "Binomial"],
 )
-@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(
-    "truncation",
-    [None, bj.Truncate(every=7), bj.RandomTruncate(jax.random.key(1), keep_prob=0.7)],
-    ids=["full", "Truncate", "RandomTruncate"],
+    ("truncation", "reverse"),
+    [
+        (None, False),
+        (bj.Truncate(every=7), True),
+        (bj.RandomTruncate(jax.random.key(1), keep_prob=0.7), False),
+    ],
+    ids=["full", "Truncate-reverse", "RandomTruncate"],
 )
-def test_gradient_equals_store_all(fraction, kind, reverse, truncation):
+def test_gradient_equals_store_all(fraction, kind, truncation, reverse):
+    """Each kind Budget chooses gives StoreAll's gradient (every strategy with
+    every truncation, both directions, is the shared suite's, test_remat.py)."""
     budget = small_budget(fraction)
     _, xs, step = small_problem()
     assert isinstance(budget.plan(step, jnp.zeros(H_SMALL), xs).strategy, kind)
