@@ -12,10 +12,11 @@ whose prediction fits:
 3. :class:`~bpttjax.EveryStep` without a policy;
 4. :class:`~bpttjax.Binomial` with the most snapshots that fit.
 
-Then it compiles the chosen strategy's gradient at the full length and reads
-XLA's figure. Where that exceeds the budget (the model missed something on
-this backend), the excess is added to every prediction and the choice is made
-again, so what runs never needs more than the budget as XLA measures it.
+Then, unless its prediction is a line through two compilations of that very
+strategy (``StoreAll``; ``EveryStep`` with a policy), it compiles the chosen
+strategy's gradient at the full length and reads XLA's figure. Where that
+exceeds the budget (the model missed something on this backend), the excess
+is added to every prediction and the choice is made again.
 
 The budget is for XLA's working memory of the gradient (``temp_size_in_bytes``
 as reported by :func:`bpttjax.memory.measure`), per device; inputs and
@@ -111,7 +112,9 @@ class Plan:
       costs: the measured :class:`~bpttjax.remat.StepCosts` of the step.
       measured_bytes: XLA's temp bytes for the strategy's gradient, compiled
         at ``length`` to check the prediction (None: not compiled, as from
-        :meth:`Budget.choose`, or under a mesh).
+        :meth:`Budget.choose`, under a mesh, or for ``StoreAll`` and
+        ``EveryStep`` with a policy, whose predictions come from compiling
+        them).
     """
 
     strategy: RematStrategy
@@ -175,7 +178,8 @@ class Budget(RematStrategy):
     ``EveryStep`` with the policy saving most that fits, else ``EveryStep()``,
     else ``Binomial`` with the most snapshots that fit. The plan aims at 95%
     of the budget, as predictions are within a few percent of XLA's figure on
-    a CPU. The chosen strategy's gradient is then compiled at the full length;
+    a CPU. A chosen ``EveryStep()`` or ``Binomial``, whose predictions combine
+    the step's costs, is then compiled at the full length;
     where XLA's temp exceeds the budget (on an H200 the GRU's model missed a
     constant ~0.4 MB), the excess is added to every prediction and the choice
     made again. Under a mesh in context this check is skipped: the unsharded
@@ -190,7 +194,8 @@ class Budget(RematStrategy):
     ``StoreAll``'s time against 1.4-1.9 for those ``Binomial`` schedules.
 
     Cost: that of the chosen strategy, plus two to four small compilations
-    and one at the full length each time the scan is traced (the step's
+    and, for ``EveryStep()`` or ``Binomial``, one at the full length each
+    time the scan is traced (the step's
     measured costs and the check are cached per step program and shapes).
 
     Raises:
@@ -238,7 +243,7 @@ class Budget(RematStrategy):
 
         Compiles plain BPTT of ``f`` (and ``EveryStep`` with each policy) at
         two short lengths to measure its :class:`~bpttjax.remat.StepCosts`,
-        then the chosen strategy's gradient at ``length`` to check the choice.
+        then a chosen ``EveryStep()`` or ``Binomial`` at ``length`` to check it.
         """
         T = _check_length(xs, length)
         return self._plan(_checked_step(f), init, xs, T)
@@ -315,6 +320,8 @@ class Budget(RematStrategy):
                     raise _TooSmall(self.bytes, temp, "measured") from None
                 plan = self._made(one, one.cost(length, costs), length, costs)
                 return dataclasses.replace(plan, measured_bytes=temp)
+            if _probed(plan.strategy, self.policies):
+                return plan
             temp = measure(plan.strategy)
             if temp <= self.bytes:
                 return dataclasses.replace(plan, measured_bytes=temp)
@@ -342,7 +349,7 @@ class Budget(RematStrategy):
         Planned as ``bj.scan`` of the step, with two fused candidates: first
         ``StoreAll`` as the layer runs it, one fused block (52-65% of plain
         BPTT's memory for the library's cells), predicted from that block's
-        measured costs and, outside a mesh, checked by compiling it; and,
+        measured costs; and,
         where the plan for the step is a ``Binomial`` that recomputes more than
         ``_FUSED_NESTED_OVER`` forward passes, ``Nested(2)`` with fused blocks
         if its memory, measured by compiling it, fits. Otherwise the step's
@@ -352,7 +359,7 @@ class Budget(RematStrategy):
         usable = _SAFETY * self.bytes
         measure = lambda strategy: _layer_temp(layer, init, strategy)
         fused = StoreAll().cost(layer.length, _layer_costs(layer, init)).temp_bytes
-        if fused <= usable and (not _checking() or measure(StoreAll()) <= self.bytes):
+        if fused <= usable:  # the block's own probes: a line through two measurements
             return StoreAll()
         model = self._plan(layer.step, init, layer.xs, layer.length, check=False)
         if (
@@ -434,6 +441,16 @@ def _layer_key(kind: str, layer: Any, *shapes: Any) -> tuple:
     """A cache key for a probe of ``layer``: its functions, ``shapes`` and options."""
     options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
     return (kind, layer.split, layer.step_fn, repr((*shapes, options)))
+
+
+def _probed(strategy: RematStrategy, policies: Sequence[Callable]) -> bool:
+    """Whether ``strategy``'s prediction is a line through two compilations of the
+    strategy itself (``StoreAll``, ``EveryStep`` with a measured policy), so that
+    compiling it at the full length would tell nothing new."""
+    return strategy == StoreAll() or (
+        isinstance(strategy, EveryStep) and strategy.policy is not None
+        and any(strategy == EveryStep(p) for p in policies)
+    )  # fmt: skip
 
 
 def _checking() -> bool:

@@ -104,9 +104,14 @@ def test_plan_is_readable_and_follows_the_order():
     assert C == B * H * 4
     every = bj.Budget(int(plain.temp_bytes * 0.6)).plan(step, h0, xs)
     assert every.strategy == bj.EveryStep()
+    # StoreAll's prediction is a line through two compilations of StoreAll
+    # itself: not compiled again; EveryStep()'s combines the step's costs
+    assert plain.measured_bytes is None and "measured" not in str(plain)
+    assert abs(every.measured_bytes - every.temp_bytes) <= 0.02 * every.measured_bytes
     tight = bj.Budget(plain.costs.overhead_bytes + 30 * C).plan(step, h0, xs)
     assert isinstance(tight.strategy, bj.Binomial) and 20 <= tight.snapshots < 30
     assert tight.recomputed_steps == tight.strategy.recomputed_steps(200)
+    assert tight.measured_bytes <= tight.budget_bytes
     text = str(tight)
     assert f"Binomial(snapshots={tight.snapshots}) for T=200" in text
     assert "recomputed steps" in text and "budget" in text

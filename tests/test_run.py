@@ -353,22 +353,6 @@ def test_budget_plans_the_fused_layer(cell):
     assert temp(tight) <= tight.bytes
 
 
-def test_budget_under_run_compiles_the_fused_block_before_choosing_it(monkeypatch):
-    """A fused StoreAll that the model says fits, but XLA says does not, is not run."""
-    c = bj.cells.get("gru")
-    params = c.init(jax.random.key(0), 8, 32)
-    carry = c.initial_carry(32, (4,))
-    xs = jnp.ones((120, 4, 8), jnp.float32)
-    temp = functools.partial(summed_temp, "gru", params, carry, xs)
-    fused = temp(bj.StoreAll())
-    real = bj.budget._layer_costs
-    blind = lambda *args: dataclasses.replace(real(*args), residual_bytes=0, overhead_bytes=0)
-    monkeypatch.setattr(bj.budget, "_layer_costs", blind)
-    budget = bj.Budget(int(0.8 * fused))
-    got = temp(budget)
-    assert got <= budget.bytes and got != fused
-
-
 @pytest.mark.parametrize("cell", CELLS)
 def test_budget_runs_the_fused_nested_instead_of_a_long_binomial(cell):
     """Budget under run: where bj.scan's plan would be a Binomial recomputing
