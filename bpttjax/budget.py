@@ -285,30 +285,34 @@ class Budget(RematStrategy):
     def _made(self, strategy: RematStrategy, cost: Cost, length: int, costs: StepCosts) -> Plan:
         return Plan(strategy, cost.temp_bytes, cost.recomputed_steps, self.bytes, length, costs)
 
-    def _plan(
-        self,
-        f: Callable,
-        init: Any,
-        xs: Any,
-        length: int,
-        measure: Callable[[RematStrategy], int] | None = None,
-        check: bool = True,
-    ) -> Plan:
-        """:meth:`choose` with the step's measured costs, checked by compiling the choice.
+    def _plan(self, f: Callable, init: Any, xs: Any, length: int) -> Plan:
+        """:meth:`choose` for ``bj.scan`` of ``f``, checked by compiling the choice."""
+        measure = lambda strategy: _scan_temp(f, init, xs, length, strategy)
+        return self._checked(length, *self._step_costs(f, init, xs), measure)
 
-        ``measure(strategy)`` gives XLA's temp bytes for what runs (default:
-        ``bj.scan`` of ``f``). Where they exceed the budget, the excess over
-        the prediction is added to every prediction and the choice made again.
-        ``check=False``: the model's choice, not compiled.
-        """
+    def _step_costs(self, f: Callable, init: Any, xs: Any) -> tuple[StepCosts, list]:
+        """The step's measured costs, and ``EveryStep``'s with each policy."""
         costs = _measured_costs(f, init, xs, None)
         policy_costs = [
             (EveryStep(p), _measured_costs(f, init, xs, EveryStep(p))) for p in self.policies
         ]
-        if not check or not _checking():
+        return costs, policy_costs
+
+    def _checked(
+        self,
+        length: int,
+        costs: StepCosts,
+        policy_costs: list,
+        measure: Callable[[RematStrategy], int],
+    ) -> Plan:
+        """:meth:`choose`, then XLA's figure for the choice (``measure(strategy)``).
+
+        Where it exceeds the budget, the excess over the prediction is added to
+        every prediction and the choice made again. Under a mesh, the model's
+        choice.
+        """
+        if not _checking():
             return self.choose(length, costs, policy_costs)
-        if measure is None:
-            measure = lambda strategy: _scan_temp(f, init, xs, length, strategy)
         missed = 0
         for _ in range(_CHECKS):
             try:
@@ -361,7 +365,8 @@ class Budget(RematStrategy):
         fused = StoreAll().cost(layer.length, _layer_costs(layer, init)).temp_bytes
         if fused <= usable:  # the block's own probes: a line through two measurements
             return StoreAll()
-        model = self._plan(layer.step, init, layer.xs, layer.length, check=False)
+        costs, policy_costs = self._step_costs(layer.step, init, layer.xs)
+        model = self.choose(layer.length, costs, policy_costs)
         if (
             isinstance(model.strategy, Binomial)
             and model.recomputed_steps > _FUSED_NESTED_OVER * layer.length
@@ -369,7 +374,7 @@ class Budget(RematStrategy):
             nested = _fused_nested(layer, init)
             if measure(nested) <= usable:
                 return nested
-        return self._plan(layer.step, init, layer.xs, layer.length, measure).strategy
+        return self._checked(layer.length, costs, policy_costs, measure).strategy
 
 
 # --- measuring a step -------------------------------------------------------------------
@@ -503,17 +508,12 @@ def _layer_temp(layer: Any, init: Any, strategy: RematStrategy) -> int:
     """
     params_a, init_a, xs_a = _abstract(layer.params), _abstract(init), _abstract(layer.xs)
 
-    def measure():
-        def run(params, init, xs):
-            probe = dataclasses.replace(layer, params=params, xs=xs, truncation=None)
-            return strategy.scan_layer(probe, init)
-
-        with _outside_any_mesh():
-            temp = memory.measure(_probe_grad(run), params_a, init_a, xs_a).temp_bytes
-        return temp + memory.tree_bytes(init_a)
+    def run(params, init, xs):
+        probe = dataclasses.replace(layer, params=params, xs=xs, truncation=None)
+        return strategy.scan_layer(probe, init)
 
     key = (*_layer_key("layer temp", layer, params_a, init_a, xs_a), strategy)
-    return _cached(_TEMP_CACHE, key, measure)
+    return _full_temp(key, run, params_a, init_a, xs_a)
 
 
 def _scan_temp(f: Callable, init: Any, xs: Any, length: int, strategy: RematStrategy) -> int:
@@ -524,15 +524,22 @@ def _scan_temp(f: Callable, init: Any, xs: Any, length: int, strategy: RematStra
     """
     closed, consts_a, init_a, _ = _closed_step(f, init, xs)
     xs_a = None if xs is None else _abstract(xs)
+    run = lambda consts, init, xs: strategy.scan(
+        lambda c, x: closed(c, x, *consts), init, xs, length, False, 1
+    )
+    key = ("scan temp", str(closed.jaxpr), repr((init_a, xs_a, consts_a, length)), strategy)
+    return _full_temp(key, run, consts_a, init_a, xs_a)
+
+
+def _full_temp(key: tuple, run: Callable, a: Any, init_a: Any, xs_a: Any) -> int:
+    """XLA's temp bytes for :func:`_probe_grad` of ``run(a, init, xs)``, compiled as one
+    unsharded program, plus the carry a loss usually creates; cached by ``key``."""
 
     def measure():
-        run = lambda consts, init, xs: strategy.scan(
-            lambda c, x: closed(c, x, *consts), init, xs, length, False, 1
-        )
-        temp = memory.measure(_probe_grad(run), consts_a, init_a, xs_a).temp_bytes
+        with _outside_any_mesh():
+            temp = memory.measure(_probe_grad(run), a, init_a, xs_a).temp_bytes
         return temp + memory.tree_bytes(init_a)
 
-    key = ("scan temp", str(closed.jaxpr), repr((init_a, xs_a, consts_a, length)), strategy)
     return _cached(_TEMP_CACHE, key, measure)
 
 
