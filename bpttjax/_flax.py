@@ -201,7 +201,7 @@ def fast_scan(
     remat: RematStrategy,
     truncation: TruncationStrategy | None,
     unroll: int | bool,
-    batch_chunks: int = 1,
+    batch_chunks: int | str = "auto",
 ) -> tuple[Any, Any]:
     """The registered cell ``name`` over time-major ``xs``, with Flax's carry convention.
 

@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from . import _autotune
+
 __all__ = [
     "CELLS",
     "Cell",
@@ -66,6 +68,7 @@ __all__ = [
     "init_lstm",
     "initial_carry",
     "run",
+    "choose_batch_chunks",
     "Split",
     "from_nnx",
     "from_linen",
@@ -627,7 +630,7 @@ def run(
     reverse: bool = False,
     unroll: int | bool = 1,
     hoist: bool = False,
-    batch_chunks: int = 1,
+    batch_chunks: int | str = "auto",
 ) -> tuple[Any, jax.Array]:
     """Run a registered cell over a whole sequence: ``bj.scan`` of its step, faster.
 
@@ -663,15 +666,18 @@ def run(
         the same loop. XLA's CPU runtime runs independent operations
         concurrently, so one group's gates and activations run beside
         another's instead of after them. Whether that pays depends on the
-        sizes and the machine: on a 2-core CPU, 2 made the gradient 2%, 6%
-        and 11% faster for rnn, gru and lstm at ``B = 32, H = 256``, but up
-        to 48% slower at ``B = 4``, and up to 16% slower for the GRU and LSTM
-        at ``B = 256`` or ``H = 128`` (``docs/layers.md`` has the table). So
-        it is off (1) unless you ask; time it at your sizes. Values,
-        gradients and memory do not depend on it. A GPU runs a step's
-        operations one after another: keep 1 there. The step runs whole
-        with unbatched inputs, and with several devices except inside
-        ``jax.shard_map`` (a batch sharded across devices is not sliced).
+        sizes and the machine: on a 2-core CPU, 2 made the gradient 2-6%,
+        6-9% and 11-21% faster for rnn, gru and lstm at ``B = 32, H = 256``,
+        but up to 48% slower at ``B = 4``, and up to 28% slower for the GRU
+        and LSTM at ``B = 256, H = 128`` (``docs/layers.md`` has the table).
+        So by default (``"auto"``) it is chosen by timing, once per layer
+        shape: see :func:`choose_batch_chunks`, which says what ``"auto"``
+        picks. An int pins it. Values and gradients agree to rounding (the
+        split products may round differently in the last bit, so pin an int
+        for bitwise-reproducible runs); memory does not depend on it. The
+        step runs whole with unbatched inputs, and with several devices
+        except inside ``jax.shard_map`` (a batch sharded across devices is
+        not sliced).
 
     Returns:
       ``(carry, ys)`` as :func:`bpttjax.scan`.
@@ -691,7 +697,7 @@ def run(
       ValueError: unknown cell; ``xs`` is not at least 2-D.
       TypeError: as :func:`bpttjax.scan` for ``remat``, ``truncation``,
         ``reverse`` and ``unroll``; ``hoist`` not a bool; ``batch_chunks``
-        not an int.
+        neither an int nor ``"auto"``.
       ValueError: ``batch_chunks`` below 1.
 
     Example:
@@ -740,18 +746,71 @@ def run(
         unroll=unroll,
         truncation=truncation,
         hoist=hoist,
-        chunks=batch_chunks,
+        chunks=1,
     )
-    return remat.scan_layer(layer, carry)
+    if batch_chunks == "auto":
+        batch_chunks = _autotune.choose(layer, carry)
+    return remat.scan_layer(dataclasses.replace(layer, chunks=batch_chunks), carry)
 
 
-def _check_chunks(fn: str, batch_chunks: Any) -> int:
+def _check_chunks(fn: str, batch_chunks: Any) -> int | str:
     """``fn``'s ``batch_chunks`` (see :func:`run`), checked."""
+    if batch_chunks == "auto" and isinstance(batch_chunks, str):
+        return batch_chunks
     if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int | np.integer):
-        raise TypeError(f"{fn}(batch_chunks=...) expects a positive int, got {batch_chunks!r}")
+        raise TypeError(
+            f'{fn}(batch_chunks=...) expects a positive int or "auto", got {batch_chunks!r}'
+        )
     if batch_chunks < 1:
         raise ValueError(f"{fn}(batch_chunks=...) must be at least 1, got {batch_chunks}")
     return int(batch_chunks)
+
+
+def choose_batch_chunks(
+    cell: str | Cell, params: Params, carry: Any, xs: jax.Array, *, hoist: bool = False
+) -> int:
+    """The ``batch_chunks`` that :func:`run` picks for ``"auto"`` (its default).
+
+    On a CPU backend with one device and at least two cores, for a batch of
+    at least 16 rows shared by ``carry`` and ``xs``: the gradient of
+    ``run`` over its first steps (128, or fewer where a step is large: about
+    8 GFLOP in all, at least 16 steps) is compiled with 1 and with 2 chains,
+    called in turn a few times (at least 3, up to 15, about half a second in
+    all), and 2 is kept if its fastest call took under 97% of 1's. The answer
+    is cached for the layer's shapes, dtypes and options, so a layer is timed
+    once per process. Everywhere else the answer is 1, without timing.
+
+    Call it once and pass the result to ``run`` to fix the choice (timings
+    vary between runs near the 97% line, and 1 and 2 chains may round
+    differently in the last bit).
+
+    Args:
+      cell, params, carry, xs, hoist: as :func:`run` (only their shapes and
+        dtypes matter; they may be traced).
+
+    Returns:
+      1 or 2.
+
+    Raises:
+      ValueError, TypeError: as :func:`run`.
+    """
+    from . import _fused
+
+    cell = get(cell)
+    if not isinstance(hoist, bool):
+        raise TypeError(f"choose_batch_chunks(hoist=...) expects True or False, got {hoist!r}")
+    if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
+        raise ValueError(
+            "choose_batch_chunks(xs=...) expects an array of shape (T, ..., input_size), "
+            f"got {type(xs).__name__} of {np.ndim(xs)} dimensions"
+        )
+    if cell.split is None or xs.shape[0] == 0:
+        return 1
+    layer = _fused.Layer(
+        split=cell.split, step_fn=cell.step, params=params, xs=jnp.asarray(xs),
+        length=xs.shape[0], hoist=hoist,
+    )  # fmt: skip
+    return _autotune.choose(layer, carry)
 
 
 def from_nnx(cell: Any) -> tuple[Step, Any]:

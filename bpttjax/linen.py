@@ -58,8 +58,10 @@ class RNN(nn.Module):
       unroll: steps per loop iteration, as ``jax.lax.scan``'s ``unroll``.
       batch_chunks: for the cells the library runs itself (those of
         :func:`bpttjax.cells.run`), run each step as this many independent
-        chains of batch rows; faster or slower depending on the sizes (see
-        ``bj.cells.run``). Default 1; other cells ignore it.
+        chains of batch rows; faster or slower depending on the sizes, so
+        by default (``"auto"``) timed once per shape on a multi-core CPU
+        (see ``bj.cells.choose_batch_chunks``); an int pins it. Other
+        cells ignore it.
       variable_axes: only ``nn.RNN``'s default ``{}``.
       variable_broadcast: only ``nn.RNN``'s default ``"params"``: the cell's
         variables are read once and shared by every step.
@@ -102,7 +104,7 @@ class RNN(nn.Module):
     reverse: bool = False
     keep_order: bool = False
     unroll: int = 1
-    batch_chunks: int = 1
+    batch_chunks: int | str = "auto"
     variable_axes: Mapping[Any, Any] = FrozenDict()
     variable_broadcast: Any = "params"
     variable_carry: Any = False

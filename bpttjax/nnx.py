@@ -64,8 +64,10 @@ class RNN(nnx.Module):
       unroll: steps per loop iteration, as ``jax.lax.scan``'s ``unroll``.
       batch_chunks: for the cells the library runs itself (those of
         :func:`bpttjax.cells.run`), run each step as this many independent
-        chains of batch rows; faster or slower depending on the sizes (see
-        ``bj.cells.run``). Default 1; other cells ignore it.
+        chains of batch rows; faster or slower depending on the sizes, so
+        by default (``"auto"``) timed once per shape on a multi-core CPU
+        (see ``bj.cells.choose_batch_chunks``); an int pins it. Other
+        cells ignore it.
       state_axes: only ``None`` (every variable of the cell is carried from
         step to step, ``nnx.RNN``'s default).
       broadcast_rngs: only ``None`` (``nnx.RNN``'s default).
@@ -106,7 +108,7 @@ class RNN(nnx.Module):
         reverse: bool = False,
         keep_order: bool = False,
         unroll: int = 1,
-        batch_chunks: int = 1,
+        batch_chunks: int | str = "auto",
         state_axes: Any = None,
         broadcast_rngs: Any = None,
         rngs: nnx.Rngs | bool = True,

@@ -12,8 +12,11 @@ one recurrent layer run over ``xs: (T, B, D)`` from a zero carry (float32,
   snapshots, 10 at ``T = 1,000``): the library's whole-sequence layer
   ``bj.cells.run`` (while that does not exist, ``bj.scan`` over the cell's
   step, which it wraps; the row's note says which ran).
-* ``bj.StoreAll (batch_chunks=2)``: the same layer running the batch as two
-  independent chains in each loop step (``run``'s opt-in ``batch_chunks``).
+  Their ``batch_chunks`` is ``run``'s default, ``"auto"`` (timed once per
+  shape; the row's note says what it chose).
+* ``bj.StoreAll (batch_chunks=1)`` and ``(batch_chunks=2)``: the same layer
+  with the batch pinned to one chain, or run as two independent chains in
+  each loop step.
 * ``flax.nnx.RNN`` on Flax's cell (``OptimizedLSTMCell`` for the LSTM), the
   gradient taken with respect to its ``nnx.Param`` state (``nnx.split``/``merge``).
 * ``equinox checkpointed``: ``equinox.internal.scan(kind="checkpointed")``
@@ -276,7 +279,16 @@ def bj_method(name: str, remat: Callable[[Point], bj.RematStrategy], **options) 
 
         return loss
 
-    return Method(name, jax_method(make_loss, note=_layer_note))
+    note = _layer_note
+    if "batch_chunks" not in options and hasattr(bj.cells, "choose_batch_chunks"):
+
+        def note(point: Point) -> str:  # what "auto" chose, from the cache the trace filled
+            xs = np.zeros((point.T, point.batch, point.input), np.float32)
+            params = bj.cells.get(point.cell).init(jax.random.key(0), point.input, point.hidden)
+            chunks = bj.cells.choose_batch_chunks(point.cell, params, _carry(point, xs), xs)
+            return f"{_layer_note(point)}, batch_chunks auto: {chunks}"
+
+    return Method(name, jax_method(make_loss, note=note))
 
 
 def _nnx_parts(point: Point):
@@ -424,6 +436,7 @@ def _cudnn_prepare(point: Point, params: dict, xs, threads: int) -> Prepared:
 METHODS: tuple[Method, ...] = (
     Method(BASELINE, jax_method(_scan_loss)),
     bj_method("bj.StoreAll", lambda p: bj.StoreAll()),
+    bj_method("bj.StoreAll (batch_chunks=1)", lambda p: bj.StoreAll(), batch_chunks=1),
     bj_method("bj.StoreAll (batch_chunks=2)", lambda p: bj.StoreAll(), batch_chunks=2),
     bj_method("bj.Nested(2)", lambda p: bj.Nested(2)),
     bj_method("bj.Binomial(log2 T)", lambda p: bj.Binomial(common.log2_snapshots(p.T))),
@@ -436,7 +449,8 @@ METHODS: tuple[Method, ...] = (
 METHOD_NAMES = tuple(m.name for m in METHODS)
 _ALIASES = {"torch": TORCH, "nnx": "flax.nnx.RNN", "eqx": "equinox checkpointed",
             "cudnn": "jax.experimental.rnn", "binomial": "bj.Binomial(log2 T)",
-            "chunks": "bj.StoreAll (batch_chunks=2)"}  # fmt: skip
+            "chunks": "bj.StoreAll (batch_chunks=2)",
+            "one": "bj.StoreAll (batch_chunks=1)"}  # fmt: skip
 
 
 def _norm(name: str) -> str:
@@ -681,12 +695,12 @@ def _num(x: float, fmt: str) -> str:
 def text_table(rows: Sequence[SpeedRow]) -> str:
     """One line per (cell, B, H, method); speeds above 1 are faster than the reference."""
     header = (
-        f"{'cell':<5}{'B':>5}{'H':>6}  {'method':<22}{'median':>11}{'vs scan':>9}"
+        f"{'cell':<5}{'B':>5}{'H':>6}  {'method':<29}{'median':>11}{'vs scan':>9}"
         f"{'vs torch':>10}{'GFLOP/s':>9}{'of peak':>9}  note"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
-        what = f"{r.cell:<5}{r.batch:>5}{r.hidden:>6}  {r.method:<22}"
+        what = f"{r.cell:<5}{r.batch:>5}{r.hidden:>6}  {r.method:<29}"
         if r.status != "ok":
             lines.append(f"{what}{r.status:>11}  {r.note}")
             continue

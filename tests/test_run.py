@@ -140,6 +140,100 @@ def test_batch_chunks_run_as_separate_chains():
     assert products(3, batch_axis=False) == products(1, batch_axis=False)
 
 
+def _traced(cell, params, carry, xs, chunks):
+    run = lambda p: bj.cells.run(cell, p, carry, xs, batch_chunks=chunks)
+    return str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(run(p)[1])))(params))
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """``batch_chunks="auto"`` on a 2-core CPU with a fresh cache, its timings set by the
+    test (``timings[n]``); ``calls`` counts the timings taken."""
+    from bpttjax import _autotune
+
+    timings, calls = {1: 1.0, 2: 1.0}, []
+    monkeypatch.setattr(_autotune, "_CACHE", {})
+    monkeypatch.setattr(_autotune, "cores", lambda: 2)
+    monkeypatch.setattr(_autotune, "times", lambda *a: calls.append(a) or dict(timings))
+    return timings, calls
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_auto_batch_chunks_runs_the_faster_by_its_timing(cell, fake_timer):
+    """``"auto"`` (the default) runs what the timing found faster, by at least 3%,
+    and times a layer shape once."""
+    timings, calls = fake_timer
+    _, params, carry, xs = problem(cell, 5, batch=(16,))
+    one, two = _traced(cell, params, carry, xs, 1), _traced(cell, params, carry, xs, 2)
+    assert one != two
+    timings[2] = 0.5
+    assert _traced(cell, params, carry, xs, "auto") == two
+    assert bj.cells.choose_batch_chunks(cell, params, carry, xs) == 2
+    assert len(calls) == 1  # cached: timed once for both
+    bj.cells.run(cell, params, carry, xs[:4])  # another length: timed again
+    assert len(calls) == 2
+
+    timings[2] = 0.98  # within the 3% margin: the simpler program
+    _, params, carry, xs = problem(cell, 5, batch=(17,))
+    assert _traced(cell, params, carry, xs, "auto") == _traced(cell, params, carry, xs, 1)
+    assert bj.cells.choose_batch_chunks(cell, params, carry, xs) == 1
+    assert len(calls) == 3
+
+
+def test_auto_batch_chunks_is_1_untimed_where_chains_cannot_help(fake_timer, monkeypatch):
+    """Small batches, no batch axis, one core and other platforms: 1, nothing timed."""
+    from bpttjax import _autotune
+
+    timings, calls = fake_timer
+    timings[2] = 0.1
+    _, params, carry, xs = problem("gru", 4, batch=(15,))  # under 2 x 8 rows
+    assert bj.cells.choose_batch_chunks("gru", params, carry, xs) == 1
+    _, params, carry, xs = problem("gru", 4, batch=())
+    assert bj.cells.choose_batch_chunks("gru", params, carry, xs) == 1
+    _, params, carry, xs = problem("gru", 4, batch=(16,))
+    unbatched = jax.tree.map(lambda a: a[0], carry)  # the carry has no batch axis
+    assert bj.cells.choose_batch_chunks("gru", params, unbatched, xs) == 1
+    with monkeypatch.context() as m:
+        m.setattr(_autotune, "cores", lambda: 1)
+        assert bj.cells.choose_batch_chunks("gru", params, carry, xs) == 1
+    with monkeypatch.context() as m:
+        m.setattr(_autotune, "platform", lambda xs: "gpu")
+        assert _autotune.untimed(_layer_of("gru", params, xs), carry).startswith("not a CPU")
+        assert bj.cells.choose_batch_chunks("gru", params, carry, xs) == 1
+    assert calls == []
+    assert bj.cells.choose_batch_chunks("gru", params, carry, xs) == 2
+    assert len(calls) == 1
+
+
+def _layer_of(cell, params, xs):
+    from bpttjax import _fused
+
+    c = bj.cells.get(cell)
+    return _fused.Layer(split=c.split, step_fn=c.step, params=params, xs=xs, length=len(xs))
+
+
+def test_auto_batch_chunks_times_under_jit_and_grad(monkeypatch):
+    """The real timing runs while ``jit`` and ``grad`` trace, once per shape; the
+    gradients equal one chain's."""
+    from bpttjax import _autotune
+
+    monkeypatch.setattr(_autotune, "_CACHE", {})
+    monkeypatch.setattr(_autotune, "cores", lambda: 2)
+    timed = []
+    real = _autotune.times
+    monkeypatch.setattr(_autotune, "times", lambda *a: timed.append(real(*a)) or timed[-1])
+    _, params, carry, xs = problem("lstm", 40, batch=(16,))
+    loss = lambda chunks: loss_of(
+        lambda p, c, x: bj.cells.run("lstm", p, c, x, batch_chunks=chunks)
+    )
+    grads = jax.jit(jax.grad(loss("auto"), argnums=(0, 1, 2)))(params, carry, xs)
+    assert len(timed) == 1 and set(timed[0]) == {1, 2}
+    assert all(0 < t < 10 for t in timed[0].values())
+    assert_trees_close(grads, jax.grad(loss(1), argnums=(0, 1, 2))(params, carry, xs))
+    jax.jit(jax.grad(loss("auto")))(params, carry, xs)  # another program, the same layer
+    assert len(timed) == 1
+
+
 def _cell_state_first_lstm(output_leaf):
     """An LSTM whose carry is ``(c, h)`` (Flax's order): its output is carry leaf 1."""
 
@@ -391,9 +485,13 @@ def test_rejects_bad_arguments():
         bj.cells.run("rnn", params, carry, xs, hoist="yes")
     with pytest.raises(TypeError, match="got the class Nested"):
         bj.cells.run("rnn", params, carry, xs, remat=bj.Nested)
-    for bad in (2.0, True, "2"):
-        with pytest.raises(TypeError, match=r"run\(batch_chunks=...\) expects a positive int"):
+    for bad in (2.0, True, "2", "Auto"):
+        with pytest.raises(TypeError, match=r"run\(batch_chunks=...\) expects a positive int or"):
             bj.cells.run("rnn", params, carry, xs, batch_chunks=bad)
+    with pytest.raises(ValueError, match=r"choose_batch_chunks\(xs=...\) expects an array"):
+        bj.cells.choose_batch_chunks("rnn", params, carry, xs[0, 0])
+    with pytest.raises(TypeError, match=r"choose_batch_chunks\(hoist=...\) expects True"):
+        bj.cells.choose_batch_chunks("rnn", params, carry, xs, hoist=1)
     with pytest.raises(ValueError, match=r"run\(batch_chunks=...\) must be at least 1, got 0"):
         bj.cells.run("rnn", params, carry, xs, batch_chunks=0)
     with pytest.raises(TypeError, match="truncation"):
