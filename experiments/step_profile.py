@@ -2,7 +2,8 @@
 
 For each cell, at one point (default T = 1,000, B = 32, D = 64, H = 256,
 float32), the parts of ``jax.grad`` of ``mean(ys**2)`` through
-``bj.cells.run`` (``StoreAll``) are timed separately, in interleaved rounds:
+``bj.cells.run`` (``StoreAll``, the batch as one chain: ``batch_chunks=1``)
+are timed separately, in interleaved rounds:
 
 * ``recurrent products``: a ``lax.scan`` doing only ``h @ W_h`` each step,
   the one product no schedule can take out of the forward loop: its floor;
@@ -99,7 +100,7 @@ def calls(cell: str, T: int, B: int, D: int, H: int) -> dict:
         return jax.lax.scan(step, dz, None, length=T)[0]
 
     def loss(p, x):
-        return jnp.mean(bj.cells.run(cell, p, carry, x)[1] ** 2)
+        return jnp.mean(bj.cells.run(cell, p, carry, x, batch_chunks=1)[1] ** 2)
 
     def weight_products(h, z, x, W_x):
         return h.T @ z, x.T @ z, z @ W_x.T
@@ -114,7 +115,10 @@ def calls(cell: str, T: int, B: int, D: int, H: int) -> dict:
             jax.jit(backward),
             (jnp.array(W_h.T), jnp.zeros((B, k * H), jnp.float32)),
         ),
-        "forward": (jax.jit(lambda p, x: bj.cells.run(cell, p, carry, x)[1]), (params, xs)),
+        "forward": (
+            jax.jit(lambda p, x: bj.cells.run(cell, p, carry, x, batch_chunks=1)[1]),
+            (params, xs),
+        ),
         "weight products": (jax.jit(weight_products), (h_rows, z_rows, x_rows, W_x)),
         "fwd+bwd": (jax.jit(jax.grad(loss)), (params, xs)),
     }
