@@ -230,8 +230,8 @@ def test_auto_batch_chunks_times_under_jit_and_grad(monkeypatch):
     assert len(timed) == 1 and set(timed[0]) == {1, 2}
     assert all(0 < t < 10 for t in timed[0].values())
     assert_trees_close(grads, jax.grad(loss(1), argnums=(0, 1, 2))(params, carry, xs))
-    jax.jit(jax.grad(loss("auto")))(params, carry, xs)  # another program, the same layer
-    assert len(timed) == 1
+    assert bj.cells.choose_batch_chunks("lstm", params, carry, xs) in (1, 2)
+    assert len(timed) == 1  # the same layer: cached
 
 
 def _cell_state_first_lstm(output_leaf):
