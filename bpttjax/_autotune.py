@@ -3,7 +3,7 @@
 Splitting the batch into independent chains (:func:`bpttjax._fused._pieces`)
 lets XLA's CPU runtime run one chain's operations beside another's. Whether
 that pays depends on the sizes and the machine (on a 2-core CPU it made the
-LSTM 11-21% faster at ``B = 32, H = 256`` and the GRU 15-30% slower at
+LSTM 11-21% faster at ``B = 32, H = 256`` and the GRU 15-24% slower at
 ``B = 256, H = 128``), so no fixed rule serves: like cuDNN's and XLA's GPU
 autotuners, :func:`choose` compiles the layer's gradient over its first steps
 for each candidate, times it, and keeps the fastest, once per layer shape.

@@ -668,7 +668,7 @@ def run(
         another's instead of after them. Whether that pays depends on the
         sizes and the machine: on a 2-core CPU, 2 made the gradient 2-6%,
         6-9% and 11-21% faster for rnn, gru and lstm at ``B = 32, H = 256``,
-        but up to 48% slower at ``B = 4``, and up to 28% slower for the GRU
+        but up to 48% slower at ``B = 4``, and up to 24% slower for the GRU
         and LSTM at ``B = 256, H = 128`` (``docs/layers.md`` has the table).
         So by default (``"auto"``) it is chosen by timing, once per layer
         shape: see :func:`choose_batch_chunks`, which says what ``"auto"``
@@ -775,7 +775,7 @@ def choose_batch_chunks(
     at least 16 rows shared by ``carry`` and ``xs``: the gradient of
     ``run`` over its first steps (128, or fewer where a step is large: about
     8 GFLOP in all, at least 16 steps) is compiled with 1 and with 2 chains,
-    called in turn a few times (at least 3, up to 15, about half a second in
+    called in turn a few times (at least 3 each, up to 15, about a second in
     all), and 2 is kept if its fastest call took under 97% of 1's. The answer
     is cached for the layer's shapes, dtypes and options, so a layer is timed
     once per process. Everywhere else the answer is 1, without timing.
@@ -794,7 +794,8 @@ def choose_batch_chunks(
     Raises:
       ValueError, TypeError: as :func:`run`.
     """
-    from . import _fused
+    from . import _fused, _scan
+    from .remat import StoreAll
 
     cell = get(cell)
     if not isinstance(hoist, bool):
@@ -802,10 +803,13 @@ def choose_batch_chunks(
     if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
         raise ValueError(
             "choose_batch_chunks(xs=...) expects an array of shape (T, ..., input_size), "
-            f"got {type(xs).__name__} of {np.ndim(xs)} dimensions"
+            f"got {_scan._describe(xs)}"
         )
     if cell.split is None or xs.shape[0] == 0:
         return 1
+    # the carry, the inputs and the step checked as run checks them
+    step = functools.partial(cell.step, params)
+    jax.eval_shape(lambda c, x: _scan.scan(step, c, x, remat=StoreAll()), carry, xs)
     layer = _fused.Layer(
         split=cell.split, step_fn=cell.step, params=params, xs=jnp.asarray(xs),
         length=xs.shape[0], hoist=hoist,

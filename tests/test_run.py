@@ -191,8 +191,9 @@ def test_auto_batch_chunks_is_1_untimed_where_chains_cannot_help(fake_timer, mon
     _, params, carry, xs = problem("gru", 4, batch=())
     assert bj.cells.choose_batch_chunks("gru", params, carry, xs) == 1
     _, params, carry, xs = problem("gru", 4, batch=(16,))
-    unbatched = jax.tree.map(lambda a: a[0], carry)  # the carry has no batch axis
-    assert bj.cells.choose_batch_chunks("gru", params, unbatched, xs) == 1
+    unbatched = jax.tree.map(lambda a: a[0], carry)  # a carry with no batch axis (a custom cell's)
+    assert _autotune.untimed(_layer_of("gru", params, xs), unbatched).startswith("no batch axis")
+    assert _autotune.choose(_layer_of("gru", params, xs), unbatched) == 1
     with monkeypatch.context() as m:
         m.setattr(_autotune, "cores", lambda: 1)
         assert bj.cells.choose_batch_chunks("gru", params, carry, xs) == 1
@@ -492,6 +493,8 @@ def test_rejects_bad_arguments():
         bj.cells.choose_batch_chunks("rnn", params, carry, xs[0, 0])
     with pytest.raises(TypeError, match=r"choose_batch_chunks\(hoist=...\) expects True"):
         bj.cells.choose_batch_chunks("rnn", params, carry, xs, hoist=1)
+    with pytest.raises(ValueError, match=r"the hidden state must have shape \(\.\.\., 4\)"):
+        bj.cells.choose_batch_chunks("rnn", params, carry[:, :2], xs)
     with pytest.raises(ValueError, match=r"run\(batch_chunks=...\) must be at least 1, got 0"):
         bj.cells.run("rnn", params, carry, xs, batch_chunks=0)
     with pytest.raises(TypeError, match="truncation"):
