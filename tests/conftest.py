@@ -1,11 +1,37 @@
-"""Strict numerics for the whole suite: float64, no silent promotion."""
+"""Strict numerics for the whole suite: float64, no silent promotion.
+
+The suite compiles a few thousand small programs, and most of its time is
+XLA's LLVM back end optimizing them. ``jax_disable_most_optimizations``
+(LLVM at ``-O0``, set here and, through the environment, for the scripts the
+tests start) leaves XLA's HLO passes, and so every memory plan and value,
+as they are; ``tests/test_run.py`` took 89 s instead of 145 s on two cores.
+It does change the rounding of some programs in the last bit, so the tests
+that compare values bit for bit (``tests/test_scan.py``,
+``tests/test_registry.py``) compile with XLA's defaults
+(:func:`llvm_optimized`). The benchmarks run with XLA's defaults.
+"""
+
+import os
 
 import jax
 import pytest
 
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # for the scripts the tests start
+jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture(scope="module")
+def llvm_optimized():
+    """XLA's default code generation for a module's tests, with no program compiled
+    otherwise reused (the flag is read at compile time and is not in JAX's cache keys)."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
+    jax.clear_caches()
 
 
 @pytest.fixture

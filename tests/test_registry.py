@@ -19,6 +19,9 @@ from helpers import CELLS, STRATEGIES, assert_trees_close, assert_trees_equal
 
 import bpttjax as bj
 
+# Values are compared bit for bit here: XLA's default code generation (conftest.py).
+pytestmark = pytest.mark.usefixtures("llvm_optimized")
+
 D, H = 3, 4
 
 

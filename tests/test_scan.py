@@ -17,6 +17,9 @@ from helpers import STRATEGIES, assert_trees_equal, rel_err, tree_rel_err
 
 import bpttjax as bj
 
+# Values are compared bit for bit here: XLA's default code generation (conftest.py).
+pytestmark = pytest.mark.usefixtures("llvm_optimized")
+
 LENGTHS = [1, 13, 257]  # one step, a prime, longer than every inner block
 D, H = 3, 4
 
