@@ -88,17 +88,13 @@ def choose(layer: Any, carry: Any) -> int:
     """The number of chains ``layer``'s loops run fastest with (see the module's docstring)."""
     if untimed(layer, carry) is not None:
         return 1
-    from .budget import _abstract
+    from .budget import _abstract, _cached
 
     steps = min(layer.length, probe_steps(layer, carry))
     params_a, carry_a = _abstract(layer.params), _abstract(carry)
     xs_a = jax.ShapeDtypeStruct((steps, *layer.xs.shape[1:]), layer.xs.dtype)
     key = (layer.split, layer.step_fn, layer.hoist, repr((params_a, carry_a, xs_a)))
-    if key not in _CACHE:
-        if len(_CACHE) > 256:
-            _CACHE.clear()
-        _CACHE[key] = _fastest(times(layer, params_a, carry_a, xs_a))
-    return _CACHE[key]
+    return _cached(_CACHE, key, lambda: _fastest(times(layer, params_a, carry_a, xs_a)))
 
 
 def probe_steps(layer: Any, carry: Any) -> int:

@@ -705,7 +705,7 @@ def run(
       >>> carry0 = initial_carry("lstm", 256, batch_shape=(32,))
       >>> (h_T, c_T), hs = run("lstm", params, carry0, xs, remat=bj.Nested(2))
     """
-    from . import _fused, _scan
+    from . import _scan
     from .remat import RematStrategy, StoreAll
     from .truncation import TruncationStrategy
 
@@ -716,41 +716,51 @@ def run(
         _scan._check_strategy(
             "truncation", truncation, TruncationStrategy, _scan._TRUNCATION_EXAMPLES
         )
-    if not isinstance(hoist, bool):
-        raise TypeError(f"run(hoist=...) expects True or False, got {hoist!r}")
     batch_chunks = _check_chunks("run", batch_chunks)
-    if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
-        raise ValueError(
-            f"run(xs=...) expects an array of shape (T, ..., input_size), got {_scan._describe(xs)}"
-        )
-    step = functools.partial(cell.step, params)
-    if cell.split is None or xs.shape[0] == 0:
-        return _scan.scan(
-            step, carry, xs, reverse=reverse, unroll=unroll, remat=remat, truncation=truncation
-        )
-    # Everything bj.scan checks, checked by tracing its step once (shapes, carry, options).
-    jax.eval_shape(
-        lambda c, x: _scan.scan(
-            step, c, x, reverse=reverse, unroll=unroll, remat=StoreAll(), truncation=truncation
-        ),
-        carry,
-        xs,
-    )
-    layer = _fused.Layer(
-        split=cell.split,
-        step_fn=cell.step,
-        params=params,
-        xs=jnp.asarray(xs),
-        length=xs.shape[0],
-        reverse=bool(reverse),
-        unroll=unroll,
-        truncation=truncation,
-        hoist=hoist,
-        chunks=1,
-    )
+    kw = dict(reverse=reverse, unroll=unroll, truncation=truncation)
+    layer = _layer("run", cell, params, carry, xs, hoist=hoist, **kw)
+    if layer is None:
+        return _scan.scan(functools.partial(cell.step, params), carry, xs, remat=remat, **kw)
     if batch_chunks == "auto":
         batch_chunks = _autotune.choose(layer, carry)
     return remat.scan_layer(dataclasses.replace(layer, chunks=batch_chunks), carry)
+
+
+def _layer(
+    fn: str,
+    cell: Cell,
+    params: Params,
+    carry: Any,
+    xs: Any,
+    *,
+    hoist: Any,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    truncation: Any = None,
+) -> Any:
+    """``fn``'s fused :class:`~bpttjax._fused.Layer` (one chain), its arguments checked;
+    ``None`` where ``cell`` has no :class:`Split` or ``xs`` no steps."""
+    from . import _fused, _scan
+    from .remat import StoreAll
+
+    if not isinstance(hoist, bool):
+        raise TypeError(f"{fn}(hoist=...) expects True or False, got {hoist!r}")
+    if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
+        raise ValueError(
+            f"{fn}(xs=...) expects an array of shape (T, ..., input_size), "
+            f"got {_scan._describe(xs)}"
+        )
+    if cell.split is None or xs.shape[0] == 0:
+        return None
+    # Everything bj.scan checks, checked by tracing its step once (shapes, carry, options).
+    step = functools.partial(cell.step, params)
+    kw = dict(reverse=reverse, unroll=unroll, truncation=truncation)
+    jax.eval_shape(lambda c, x: _scan.scan(step, c, x, remat=StoreAll(), **kw), carry, xs)
+    return _fused.Layer(
+        split=cell.split, step_fn=cell.step, params=params, xs=jnp.asarray(xs),
+        length=xs.shape[0], reverse=bool(reverse), unroll=unroll, truncation=truncation,
+        hoist=hoist, chunks=1,
+    )  # fmt: skip
 
 
 def _check_chunks(fn: str, batch_chunks: Any) -> int | str:
@@ -794,26 +804,9 @@ def choose_batch_chunks(
     Raises:
       ValueError, TypeError: as :func:`run`.
     """
-    from . import _fused, _scan
-    from .remat import StoreAll
-
-    cell = get(cell)
-    if not isinstance(hoist, bool):
-        raise TypeError(f"choose_batch_chunks(hoist=...) expects True or False, got {hoist!r}")
-    if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
-        raise ValueError(
-            "choose_batch_chunks(xs=...) expects an array of shape (T, ..., input_size), "
-            f"got {_scan._describe(xs)}"
-        )
-    if cell.split is None or xs.shape[0] == 0:
+    layer = _layer("choose_batch_chunks", get(cell), params, carry, xs, hoist=hoist)
+    if layer is None:
         return 1
-    # the carry, the inputs and the step checked as run checks them
-    step = functools.partial(cell.step, params)
-    jax.eval_shape(lambda c, x: _scan.scan(step, c, x, remat=StoreAll()), carry, xs)
-    layer = _fused.Layer(
-        split=cell.split, step_fn=cell.step, params=params, xs=jnp.asarray(xs),
-        length=xs.shape[0], hoist=hoist,
-    )  # fmt: skip
     return _autotune.choose(layer, carry)
 
 
