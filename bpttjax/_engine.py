@@ -464,6 +464,7 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         e = e - 1
         _, pull = _vjp(closed, consts, state, x_at(e))
         d_consts, g_carry, g_x = pull(g_carry, _index(ct_ys, idx(e)))
+        g_carry = _live_until(g_carry, _split_diff(state)[0], e < 0)
         g_consts = jax.tree.map(jnp.add, g_consts, d_consts)
         if xs_bar is not None:
             xs_bar = _store(xs_bar, idx(e), g_x)
@@ -478,6 +479,50 @@ def _scan_bwd(spec, closed, residuals, cotangents):
     *_, g_consts, g_carry, xs_bar = jax.lax.while_loop(lambda s: s[0] > 0, reverse_one, loop)
     ct_xs = None if xs is None else _with_zeros(xs, xs_bar)
     return _with_zeros(list(consts), g_consts), _with_zeros(init, g_carry), ct_xs, None
+
+
+def _live_until(outs: list, keep: list, never: jax.Array) -> list:
+    """``outs``, unchanged, computed so that ``keep`` stays live until they exist.
+
+    One slice of each leaf becomes ``where(never, keep's slice, its slice)``,
+    where ``never`` is a traced false that XLA cannot prove false. The values
+    are the same; what changes is XLA's buffer assignment. In the backward
+    loop, the state a step is reversed from is read last by the
+    weight-gradient products (``h^T dz``). Once those have read it, buffer
+    assignment may give its buffer to the carry's cotangent (``dz W^T``), and
+    XLA's CPU runtime, which runs a loop body's operations side by side as far
+    as their buffers allow, must then run the two products one after the
+    other. Keeping the state live until the cotangent exists lets them run
+    together: on 2 cores, ``Binomial``'s gradient took 7-9% less time for the
+    GRU and the LSTM (B = 32, H = 256, T = 100 to 1,000) and the same for the
+    tanh RNN. It costs up to one carry of memory. A select over one slice costs
+    next to nothing; over the whole leaf it is a pass that XLA may not fuse
+    (the tanh RNN took 10% longer).
+    """
+
+    def one(out, kept):
+        axis = _unsharded_axis(out)
+        if axis is None:
+            return jnp.where(never, kept, out)
+        part = lambda a: jax.lax.slice_in_dim(a, 0, 1, axis=axis)
+        head = jnp.where(never, part(kept), part(out))
+        return jax.lax.dynamic_update_slice_in_dim(out, head, 0, axis)
+
+    return [one(out, kept) for out, kept in zip(outs, keep)]
+
+
+def _unsharded_axis(x: jax.Array) -> int | None:
+    """The last non-empty axis of ``x`` that no mesh axis shards explicitly, if any.
+
+    Slicing an explicitly sharded axis is not implemented in JAX (it raises
+    under ``jax.sharding.AxisType.Explicit``); with automatic sharding every
+    axis qualifies, and the last is usually a feature axis.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
+    for axis in reversed(range(x.ndim)):
+        if x.shape[axis] > 0 and (axis >= len(spec) or spec[axis] is None):
+            return axis
+    return None
 
 
 def _with_zeros(example: Any, diff_leaves: list) -> Any:

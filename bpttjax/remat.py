@@ -612,10 +612,10 @@ class Binomial(RematStrategy):
         one step's matrix products are too small to keep every thread busy,
         and can cost a little when they are large.
 
-    Memory: ``s + 1`` carries (the snapshots and the state being advanced),
-    one step's residuals (the last step's are kept from the forward pass, so
-    it is not recomputed) and one set of parameter-gradient accumulators;
-    ``T`` enters only through ``ys``.
+    Memory: ``s + 2`` carries (the snapshots, the state being advanced and
+    the state being pulled back), one step's residuals (the last step's are
+    kept from the forward pass, so it is not recomputed) and one set of
+    parameter-gradient accumulators; ``T`` enters only through ``ys``.
     Recomputation: ``r·T − β(s + 1, r − 1)`` steps beyond plain BPTT, about
     ``r`` forward passes.
 
@@ -674,10 +674,13 @@ class Binomial(RematStrategy):
         # plain's overhead (within 3%), independent of T.
         # The snapshots, each with its int32 position; the state being
         # advanced for the next step while the current one is pulled back;
-        # the engine's loop counters and indices, small buffers that XLA
-        # aligns to 64 bytes (about 2 KiB in all, seen at tiny sizes).
+        # the state being pulled back, kept live until its cotangent exists
+        # (_engine._live_until: one carry for the GRU, half the LSTM's (h, c),
+        # none for the tanh RNN, whose buffers XLA shares anyway); the
+        # engine's loop counters and indices, small buffers that XLA aligns to
+        # 64 bytes (about 2 KiB in all, seen at tiny sizes).
         s, C = self.snapshots, costs.carry_bytes
-        temp = (s + 1) * C + 4 * s + costs.overhead_bytes + _ENGINE_BYTES
+        temp = (s + 2) * C + 4 * s + costs.overhead_bytes + _ENGINE_BYTES
         return Cost(temp, self.recomputed_steps(length))
 
     def scan(self, f, init, xs, length, reverse, unroll):

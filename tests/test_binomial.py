@@ -253,11 +253,41 @@ def test_predictions_within_10_percent(cell):
 def test_cost_by_hand():
     costs = bj.remat.StepCosts(carry_bytes=10, residual_bytes=30, overhead_bytes=5)
     cost = bj.Binomial(3).cost(100, costs)
-    # snapshots and their int32 positions, the state being advanced, the
-    # overhead, the engine's bookkeeping
-    assert cost.temp_bytes == 3 * (10 + 4) + 10 + 5 + bj.remat._ENGINE_BYTES
+    # snapshots and their int32 positions, the state being advanced, the state
+    # being pulled back, the overhead, the engine's bookkeeping
+    assert cost.temp_bytes == 3 * (10 + 4) + 10 + 10 + 5 + bj.remat._ENGINE_BYTES
     assert cost.recomputed_steps == _engine.binomial_advances(100, 3)
     assert bj.Binomial(4).recomputed_steps(1000) == _engine.binomial_advances(1000, 4)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 3), (2, 0, 4)])
+def test_live_until_changes_no_value(shape):
+    out = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape) - 1.5
+    kept = jnp.full(shape, jnp.nan, jnp.float32)
+    got = jax.jit(_engine._live_until)([out], [kept], jnp.asarray(False))
+    np.testing.assert_array_equal(got[0], out)
+    sized = [axis for axis, n in enumerate(shape) if n > 0]
+    assert _engine._unsharded_axis(out) == (sized[-1] if sized else None)
+
+
+def test_the_pulled_back_state_stays_live():
+    """Without ``_live_until``, XLA gives the GRU's state buffer to its cotangent
+    (the backward loop then runs the two products in turn); with it, the state
+    is live until the cotangent exists: one carry more working memory."""
+    p = common.Problem("gru", 50, 32, 64, 256, "float32")
+    xs = jax.ShapeDtypeStruct((50, 32, 64), jnp.float32)
+    carry = common.carry_bytes("gru", 32, 256, "float32")
+
+    def temp():  # a new function each time, so that nothing traced is reused
+        grad_fn, make_params = common.model_method(remat=bj.Binomial(5))(p)
+        params = jax.eval_shape(make_params, jax.random.key(0))
+        return bj.memory.measure(grad_fn, params, xs).temp_bytes
+
+    kept = temp()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_engine, "_live_until", lambda outs, keep, never: outs)
+        shared = temp()
+    assert carry <= kept - shared <= carry + 1024, (kept, shared, carry)
 
 
 # --- edge cases, transformations that cannot work, bad input -------------------------------

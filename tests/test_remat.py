@@ -320,9 +320,10 @@ def test_predict_model_by_hand():
     assert (
         bj.memory.predict(bj.Nested(lengths=(10, 10)), 100, C, R, over) == 10 * 10 + 10 * 30 + 2 * 5
     )
-    # Binomial: the snapshots (a carry and an int32 position each) and the overhead
+    # Binomial: the snapshots (a carry and an int32 position each), the states
+    # advanced and pulled back, and the overhead
     assert bj.memory.predict(bj.Binomial(4), 100, C, R, over) == (
-        4 * (10 + 4) + 10 + 5 + bj.remat._ENGINE_BYTES
+        4 * (10 + 4) + 2 * 10 + 5 + bj.remat._ENGINE_BYTES
     )
     # T=95 with (10, 10): 9 full blocks and a remainder of 5 steps
     assert (
