@@ -508,7 +508,7 @@ def _live_until(outs: list, keep: list, never: jax.Array) -> list:
         head = jnp.where(never, part(kept), part(out))
         return jax.lax.dynamic_update_slice_in_dim(out, head, 0, axis)
 
-    return [one(out, kept) for out, kept in zip(outs, keep)]
+    return [one(out, kept) for out, kept in zip(outs, keep, strict=True)]
 
 
 def _unsharded_axis(x: jax.Array) -> int | None:
