@@ -512,17 +512,23 @@ def _live_until(outs: list, keep: list, never: jax.Array) -> list:
 
 
 def _unsharded_axis(x: jax.Array) -> int | None:
-    """The last non-empty axis of ``x`` that no mesh axis shards explicitly, if any.
+    """The axis of ``x`` that :func:`_live_until` slices: non-empty and not
+    sharded explicitly by a mesh axis (slicing such an axis raises in JAX).
 
-    Slicing an explicitly sharded axis is not implemented in JAX (it raises
-    under ``jax.sharding.AxisType.Explicit``); with automatic sharding every
-    axis qualifies, and the last is usually a feature axis.
+    With one device, the first such axis: a row, contiguous in memory, which
+    measured faster than a column (LSTM, T = 300: 0.93 against 0.98 of
+    Equinox's time). With several, the last: usually a feature axis, which
+    data parallelism leaves whole, so the slice stays on each device.
     """
     spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
-    for axis in reversed(range(x.ndim)):
-        if x.shape[axis] > 0 and (axis >= len(spec) or spec[axis] is None):
-            return axis
-    return None
+    axes = [
+        axis
+        for axis in range(x.ndim)
+        if x.shape[axis] > 0 and (axis >= len(spec) or spec[axis] is None)
+    ]
+    if not axes:
+        return None
+    return axes[0] if jax.device_count() == 1 else axes[-1]
 
 
 def _with_zeros(example: Any, diff_leaves: list) -> Any:
