@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.lax.lax import _convert_element_type  # the one way to set weak_type
 
 from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy, scale_cotangent
@@ -114,9 +115,10 @@ def scan(
 
     pair = _PairKind()
     step = _checked_step(f, pair)
+    init, types = _promote_weak_init(step, init, xs)
     if truncation is None:
         carry, ys = _scan_moving_passthrough(remat, step, init, xs, T, bool(reverse), unroll)
-        return pair.build(carry, ys)
+        return pair.build(*_weak_as(types, (carry, ys)))
 
     def truncated_step(state, x):
         n, carry = state
@@ -129,7 +131,7 @@ def scan(
     (_, carry), ys = remat.scan(
         truncated_step, (jnp.zeros((), jnp.int32), init), xs, T, bool(reverse), unroll
     )
-    return pair.build(carry, ys)
+    return pair.build(*_weak_as(types, (carry, ys)))
 
 
 def _scale_leaf(c, s):
@@ -406,6 +408,61 @@ def _children(x: Any) -> list | None:
     except ValueError:
         return None
     return list(kids)
+
+
+def _promote_weak_init(step: Callable, init: Any, xs: Any) -> tuple[Any, Any]:
+    """``init`` with its weakly typed leaves promoted as ``jax.lax.scan`` promotes them,
+    and the types of ``lax.scan``'s results (``None`` where no leaf is weakly typed).
+
+    A Python scalar (or other weakly typed) carry leaf takes the dtype that
+    ``jax.numpy`` promotion gives it against what the step returns for it, as
+    in ``lax.scan``'s own two-pass trace: ``scan(lambda c, x: ((c + x) / 3,
+    c), 7, xs)`` runs a float carry. Done once, here, so that every strategy
+    traces the step with the carry type it will run with; a strategy that
+    traced with the unpromoted ``int`` would cast the float carry back to an
+    integer at every step. Costs one or two abstract traces, and only when a
+    leaf of ``init`` is weakly typed.
+
+    The types returned are the final carry and one step's ``y`` as the step
+    returns them for the promoted ``init``: ``lax.scan``'s results have these
+    weak types, which a strategy that splits the loop may not keep
+    (:func:`_weak_as` restores them).
+    """
+    leaves, treedef = jax.tree.flatten(init)
+    avals = [jax.typeof(leaf) for leaf in leaves]
+    if not any(getattr(a, "weak_type", False) for a in avals):
+        return init, None
+    x = None if xs is None else jax.tree.map(_one_step_aval, xs)
+    types = jax.eval_shape(step, init, x)
+    promoted, changed = [], False
+    for leaf, aval, out in zip(leaves, avals, jax.tree.leaves(types[0]), strict=True):
+        if getattr(aval, "weak_type", False) and aval.dtype != out.dtype:
+            leaf, changed = jax.lax.convert_element_type(leaf, jnp.result_type(leaf, out)), True
+        promoted.append(leaf)
+    init = treedef.unflatten(promoted)
+    if changed:
+        types = jax.eval_shape(step, init, x)
+    return init, types
+
+
+def _weak_as(types: Any, out: tuple) -> tuple:
+    """``out`` (the final carry and ``ys``) with the weak types ``lax.scan`` gives them."""
+    if types is None:
+        return out
+
+    def like(a, t):
+        if jax.typeof(a).weak_type == t.weak_type or a.dtype != t.dtype:
+            return a
+        return _convert_element_type(a, a.dtype, weak_type=t.weak_type)
+
+    carry_t, y_t = types
+    carry, ys = out
+    return jax.tree.map(like, carry, carry_t), jax.tree.map(like, ys, y_t)
+
+
+def _one_step_aval(a: Any) -> jax.ShapeDtypeStruct:
+    aval = jax.typeof(a)
+    return jax.ShapeDtypeStruct(aval.shape[1:], aval.dtype, weak_type=aval.weak_type)
 
 
 # --- read-only carries --------------------------------------------------------------------

@@ -196,6 +196,7 @@ def predict(
     carry_bytes: int,
     residual_bytes: int,
     overhead_bytes: int = 0,
+    output_bytes: int = 0,
 ) -> int:
     """Predict the temporary bytes of a gradient through ``bj.scan(..., remat=remat)``.
 
@@ -208,15 +209,27 @@ def predict(
     per live scan loop; ``Binomial`` its snapshots plus one ``overhead_bytes``;
     ``Budget`` that of the strategy it would choose.
 
+    That is the schedule's memory, measured with a loss computed inside the
+    step (``ys`` per-step scalars), as the experiments' tables are. A loss
+    over all outputs, such as ``jnp.mean(hs**2)``, also keeps the outputs
+    and makes their cotangent, about ``2·T·|y|`` bytes (``2·T·B·H`` floats
+    for an RNN returning its hidden states): pass them as ``output_bytes``.
+    For a schedule that keeps little (``Binomial``, ``Nested``) they can be
+    most of the memory, so without them the figure can be many times under
+    XLA's for such a loss.
+
     Args:
       remat: the strategy.
       length: ``T``.
       carry_bytes: bytes of one carry.
       residual_bytes: bytes plain BPTT stores per step (see :func:`step_costs`).
       overhead_bytes: per-level constant (see :func:`step_costs`).
+      output_bytes: the scan's outputs and their cotangent that the loss
+        keeps (0 for a per-step loss inside the step); a ``Budget`` leaves
+        them room when it chooses.
 
     Returns:
-      Predicted ``temp_bytes`` (an int).
+      Predicted ``temp_bytes`` (an int): the schedule plus ``output_bytes``.
     """
     if not isinstance(remat, RematStrategy):
         raise TypeError(
@@ -227,8 +240,12 @@ def predict(
         ("carry_bytes", carry_bytes),
         ("residual_bytes", residual_bytes),
         ("overhead_bytes", overhead_bytes),
+        ("output_bytes", output_bytes),
     ):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
             raise ValueError(f"predict({name}=...) expects a non-negative int, got {value!r}")
     costs = StepCosts(carry_bytes, residual_bytes, overhead_bytes)
-    return remat.cost(length, costs).temp_bytes
+    choose = getattr(remat, "choose", None)  # a Budget leaves the outputs room
+    if output_bytes and callable(choose):
+        return choose(length, costs, output_bytes=output_bytes).predicted_bytes
+    return remat.cost(length, costs).temp_bytes + output_bytes
