@@ -35,8 +35,13 @@ Known costs, stated here rather than hidden: every forward step writes the
 carry into the snapshot buffer (a select, so that the buffer never holds a
 partial write), which is a carry-sized copy per step; and the split point is
 found by a small integer loop of ``r`` iterations at every new snapshot.
-``custom_vjp`` gives up forward-mode ``jvp`` of the scan and reverse-mode
-differentiation of the gradient (``grad∘grad``); ``jvp∘grad`` works.
+``custom_vjp`` gives up forward-mode differentiation of the scan (``jax.jvp``,
+``jax.linearize``) and reverse-mode differentiation of the gradient
+(``grad∘grad``); ``jvp∘grad`` and ``linearize∘grad`` work. Each refusal is a
+``TypeError`` naming ``Nested``, raised while tracing, except where the scan
+runs inside a ``jax.jit`` that ``jax.linearize`` differentiates from outside:
+JAX linearizes the compiled function's jaxpr without running this module's
+code, and raises its own error when the linear function is called.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ try:  # the tracer of jax.linearize / the outer jax.grad of grad∘grad (private
     from jax._src.interpreters.ad import LinearizeTracer as _LINEARIZE_TRACER
 except ImportError:  # pragma: no cover - then grad∘grad fails later, inside JAX
     _LINEARIZE_TRACER = ()
+try:  # vmap's tracer, which passes a custom_vjp call on to the trace below it (private)
+    from jax._src.interpreters.batching import BatchTracer as _BATCH_TRACER
+except ImportError:  # pragma: no cover
+    _BATCH_TRACER = ()
 
 __all__ = ["beta", "binomial_advances", "binomial_scan", "binomial_steps"]
 
@@ -254,6 +263,8 @@ def binomial_scan(
     by_jvp = _has_jvp(closed, init, x0, consts)
     n = jnp.asarray(length if steps is None else steps, _I32)
     spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap), by_jvp)
+    if any(_linearized(x) for x in jax.tree.leaves((consts, init, xs))):
+        raise TypeError(_UNSUPPORTED.format(what="forward-mode jax.linearize of the scan"))
     try:
         return _scan(spec, closed, list(consts), init, xs, n)
     except TypeError as err:
@@ -266,8 +277,24 @@ _UNSUPPORTED = (
     "bj.Binomial does not support {what}: it is a jax.custom_vjp, which has no "
     "forward-mode rule, and its backward pass is a while loop that reverse mode cannot "
     "differentiate again. Use remat=bj.Nested(levels) here, which supports every "
-    "transformation; jax.jvp of jax.grad (Hessian-vector products) does work with Binomial."
+    "transformation; jax.jvp or jax.linearize of jax.grad (Hessian-vector products) does "
+    "work with Binomial."
 )
+
+
+def _linearized(x: Any) -> bool:
+    """Whether the scan, called with leaf ``x``, is linearized by ``jax.linearize``.
+
+    A ``custom_vjp`` call goes to the current trace; ``vmap``'s passes it on
+    to the trace below. Under ``jax.linearize`` (a linearization that is not
+    a VJP's) JAX records the call as a primitive that refuses to be
+    evaluated, so the error would come only when the linear function is
+    called, in JAX's words. Under ``jax.vjp`` and ``jax.grad`` the same trace
+    has ``is_vjp`` set and the call is transposed instead, which works.
+    """
+    while isinstance(x, _BATCH_TRACER):
+        x = x.val
+    return isinstance(x, _LINEARIZE_TRACER) and not getattr(x._trace, "is_vjp", True)
 
 
 def _refuse_second_order(bwd: Callable) -> Callable:
@@ -275,13 +302,17 @@ def _refuse_second_order(bwd: Callable) -> Callable:
 
     Under ``grad∘grad`` the backward pass runs under the outer ``grad``'s
     linearization, whose transpose would fail later, inside JAX, on the
-    engine's while loops. ``jvp∘grad`` runs it under plain JVP and works.
+    engine's while loops. ``jvp∘grad`` runs it under plain JVP and works, and
+    so does ``linearize∘grad``: its linearization (``is_vjp`` unset) is
+    evaluated, never transposed.
     """
 
     @functools.wraps(bwd)
     def wrapped(spec, closed, residuals, cotangents):
         leaves = jax.tree.leaves((residuals, cotangents))
-        if any(isinstance(x, _LINEARIZE_TRACER) for x in leaves):
+        if any(
+            isinstance(x, _LINEARIZE_TRACER) and getattr(x._trace, "is_vjp", True) for x in leaves
+        ):
             what = "reverse-mode differentiation of its gradient"
             raise TypeError(_UNSUPPORTED.format(what=what))
         return bwd(spec, closed, residuals, cotangents)

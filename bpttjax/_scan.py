@@ -293,11 +293,13 @@ class _PairKind:
 def _checked_step(f: Callable, pair: _PairKind | None = None) -> Callable:
     """Wrap ``f`` so that a carry mismatch is reported in terms of the user's step.
 
-    ``pair``, if given, records the container ``f`` returns its pair in.
+    ``pair``, if given, records the container ``f`` returns its pair in. A
+    shape error raised inside ``f`` gets a note on the layout ``bj.scan``
+    expects (:func:`_call_with_layout_note`).
     """
 
     def step(carry, x):
-        out = f(carry, x)
+        out = _call_with_layout_note(f, carry, x)
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(
                 "scan(f=...) must return a pair (carry, y) as a tuple or list, got "
@@ -515,3 +517,67 @@ def _passthrough_leaves(step: Callable, init: Any, xs: Any) -> list[bool]:
     jaxpr = jax.make_jaxpr(first_step)(init, xs).jaxpr
     n = len(jax.tree.leaves(init))
     return [out is inp for out, inp in zip(jaxpr.outvars, jaxpr.invars[:n], strict=True)]
+
+
+# --- the layout note ----------------------------------------------------------------------
+
+_NOTED = "_bpttjax_layout_noted"
+
+
+def _call_with_layout_note(f: Callable, carry: Any, x: Any) -> Any:
+    """``f(carry, x)``; a shape error inside ``f`` is re-raised with :func:`_layout_note`.
+
+    Only a plain ``TypeError`` or ``ValueError`` whose message speaks of
+    shapes (JAX's ``add got incompatible shapes for broadcasting``, ``dot_general
+    requires contracting dimensions to have the same shape``...) is re-raised,
+    as the same type, its message kept and the original chained. It costs
+    nothing unless ``f`` raises: no extra trace.
+    """
+    try:
+        return f(carry, x)
+    except (TypeError, ValueError) as err:
+        note = _layout_note(err, carry, x)
+        if note is None:
+            raise
+        noted = type(err)(f"{err}\n\n{note}")
+        setattr(noted, _NOTED, True)
+        raise noted from err
+
+
+def _layout_note(err: Exception, carry: Any, x: Any) -> str | None:
+    """What ``bj.scan`` fed the step, for an error that may come from the layout of ``xs``.
+
+    ``None`` for an error that is not about shapes, already has the note (an
+    inner ``bj.scan``'s), or is ``bj.scan``'s own (``scan(...)``). The hint
+    that ``xs`` may be batch-major is given when the carry has a leading
+    (batch) axis in front of its features and a leaf of ``x`` (one step of
+    ``xs``) has a different leading axis: time-major inputs give both the
+    batch axis first.
+    """
+    message = str(err)
+    if (
+        type(err) not in (TypeError, ValueError)
+        or "shape" not in message.lower()
+        or getattr(err, _NOTED, False)
+        or message.startswith("scan(")
+    ):
+        return None
+    x_leaves = jax.tree_util.tree_flatten_with_path(x)[0]
+    carry_leaves = jax.tree_util.tree_flatten_with_path(carry)[0]
+    shapes = lambda name, leaves: ", ".join(
+        f"{name}{jax.tree_util.keystr(path)} of shape {tuple(jnp.shape(a))}" for path, a in leaves
+    )
+    note = (
+        "bj.scan scans over the leading axis of xs (time-major, xs: (T, ...)), and the step "
+        "received one time step of xs with that axis removed, "
+        f"{shapes('x', x_leaves) or 'x None'}, and {shapes('carry', carry_leaves) or 'no carry'}."
+    )
+    batch = {jnp.shape(a)[0] for _, a in carry_leaves if jnp.ndim(a) >= 2}
+    leading = {jnp.shape(a)[0] for _, a in x_leaves if jnp.ndim(a) >= 2}
+    if len(batch) == 1 and leading and leading != batch:
+        note += (
+            f" The carry's leading (batch) axis is {batch.pop()} but x's is "
+            f"{', '.join(map(str, sorted(leading)))}: if xs is batch-major, (B, T, ...) as "
+            "with batch_first=True, pass jnp.swapaxes(xs, 0, 1)."
+        )
+    return note

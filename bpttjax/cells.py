@@ -40,6 +40,7 @@ as JAX traces them, before XLA's own optimizations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import numbers
@@ -245,7 +246,33 @@ def _check_dtype(fn: str, dtype: Any) -> jnp.dtype:
     return dt
 
 
+def _check_key(fn: str, key: Any) -> None:
+    """``key`` must be one PRNG key: ``jax.random.key(seed)`` or a legacy ``PRNGKey``."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if np.ndim(key) != 0:
+            raise ValueError(
+                f"{fn}(key=...) expects a single PRNG key, got a key array of shape "
+                f"{np.shape(key)}; call {fn} once per key (or jax.vmap it)"
+            )
+        return
+    if isinstance(key, jax.Array | np.ndarray) and dtype == np.uint32 and np.ndim(key) == 1:
+        return  # a legacy raw key, jax.random.PRNGKey(seed)
+    seed = key if isinstance(key, numbers.Integral) and not isinstance(key, bool) else "seed"
+    raise TypeError(
+        f"{fn}(key=...) expects a PRNG key, e.g. jax.random.key({seed}), not a seed or other "
+        f"value; got {_describe(key)}"
+    )
+
+
+def _describe(x: Any) -> str:
+    from . import _scan
+
+    return f"{type(x).__name__} {x!r}" if isinstance(x, numbers.Number) else _scan._describe(x)
+
+
 def _init(fn: str, gates: int, key, input_size, hidden_size, dtype):
+    _check_key(fn, key)
     D = _check_size(fn, "input_size", input_size)
     H = _check_size(fn, "hidden_size", hidden_size)
     dt = _check_dtype(fn, dtype)
@@ -261,7 +288,8 @@ def init_rnn(key: jax.Array, input_size: int, hidden_size: int, dtype: Any = jnp
     """Parameters for :func:`rnn`: lecun-normal ``W_xh``, orthogonal ``W_hh``, zero bias.
 
     Args:
-      key: a PRNG key.
+      key: a PRNG key, ``jax.random.key(seed)`` (a legacy ``jax.random.PRNGKey``
+        works too).
       input_size: ``D``, a positive int.
       hidden_size: ``H``, a positive int.
       dtype: a floating dtype for every array.
@@ -270,8 +298,10 @@ def init_rnn(key: jax.Array, input_size: int, hidden_size: int, dtype: Any = jnp
       ``{"W_xh": (D, H), "W_hh": (H, H), "b_h": (H,)}``.
 
     Raises:
-      TypeError: a size is not an int, or ``dtype`` is not floating.
-      ValueError: a size is not positive.
+      TypeError: ``key`` is not a PRNG key (an int seed: pass
+        ``jax.random.key(seed)``), a size is not an int, or ``dtype`` is not
+        floating.
+      ValueError: a size is not positive, or ``key`` is an array of several keys.
     """
     W_x, W_h, b, _ = _init("init_rnn", 1, key, input_size, hidden_size, dtype)
     return {"W_xh": W_x, "W_hh": W_h, "b_h": b}
@@ -694,7 +724,12 @@ def run(
     JAX's ``custom_vjp`` error; use :func:`bpttjax.scan` with the step for it.
 
     Raises:
-      ValueError: unknown cell; ``xs`` is not at least 2-D.
+      ValueError: unknown cell; ``xs`` is not at least 2-D, or its axes
+        after the first (time) are not the carry's batch shape (a
+        batch-major ``xs`` is told to ``jnp.swapaxes(xs, 0, 1)``); ``params``
+        lack a key the cell reads (the message lists the keys it expects);
+        ``Nested(lengths=...)`` does not cover ``T`` (checked before any
+        trace).
       TypeError: as :func:`bpttjax.scan` for ``remat``, ``truncation``,
         ``reverse`` and ``unroll``; ``hoist`` not a bool; ``batch_chunks``
         neither an int nor ``"auto"``.
@@ -717,10 +752,15 @@ def run(
             "truncation", truncation, TruncationStrategy, _scan._TRUNCATION_EXAMPLES
         )
     batch_chunks = _check_chunks("run", batch_chunks)
+    _check_xs("run", carry, xs)
+    check_length = getattr(remat, "_check", None)  # Nested's lengths against T, untraced
+    if check_length is not None:
+        check_length(np.shape(xs)[0])
     kw = dict(reverse=reverse, unroll=unroll, truncation=truncation)
     layer = _layer("run", cell, params, carry, xs, hoist=hoist, **kw)
     if layer is None:
-        return _scan.scan(functools.partial(cell.step, params), carry, xs, remat=remat, **kw)
+        with _params_checked("run", cell, params):
+            return _scan.scan(functools.partial(cell.step, params), carry, xs, remat=remat, **kw)
     if batch_chunks == "auto":
         batch_chunks = _autotune.choose(layer, carry)
     return remat.scan_layer(dataclasses.replace(layer, chunks=batch_chunks), carry)
@@ -745,22 +785,89 @@ def _layer(
 
     if not isinstance(hoist, bool):
         raise TypeError(f"{fn}(hoist=...) expects True or False, got {hoist!r}")
-    if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
-        raise ValueError(
-            f"{fn}(xs=...) expects an array of shape (T, ..., input_size), "
-            f"got {_scan._describe(xs)}"
-        )
+    _check_xs(fn, carry, xs)
     if cell.split is None or xs.shape[0] == 0:
         return None
     # Everything bj.scan checks, checked by tracing its step once (shapes, carry, options).
     step = functools.partial(cell.step, params)
     kw = dict(reverse=reverse, unroll=unroll, truncation=truncation)
-    jax.eval_shape(lambda c, x: _scan.scan(step, c, x, remat=StoreAll(), **kw), carry, xs)
+    with _params_checked(fn, cell, params):
+        jax.eval_shape(lambda c, x: _scan.scan(step, c, x, remat=StoreAll(), **kw), carry, xs)
     return _fused.Layer(
         split=cell.split, step_fn=cell.step, params=params, xs=jnp.asarray(xs),
         length=xs.shape[0], reverse=bool(reverse), unroll=unroll, truncation=truncation,
         hoist=hoist, chunks=1,
     )  # fmt: skip
+
+
+def _check_xs(fn: str, carry: Any, xs: Any) -> None:
+    """``xs`` must be time-major, ``(T, *batch, input_size)``, with the carry's ``batch``.
+
+    The carry's arrays are ``(*batch, hidden_size)``; a batch-major ``xs``
+    (``(B, T, D)``, as ``batch_first=True`` layers take) would otherwise fail
+    inside the step with JAX's broadcasting error.
+    """
+    from . import _scan
+
+    if not isinstance(xs, jax.Array | np.ndarray) or np.ndim(xs) < 2:
+        raise ValueError(
+            f"{fn}(xs=...) expects an array of shape (T, ..., input_size), "
+            f"got {_scan._describe(xs)}"
+        )
+    batches = {tuple(np.shape(a)[:-1]) for a in jax.tree.leaves(carry) if np.ndim(a) >= 1}
+    if len(batches) != 1:
+        return  # no single batch shape to compare with (the step reports what is wrong)
+    batch = batches.pop()
+    shape = tuple(np.shape(xs))
+    if shape[1:-1] == batch:
+        return
+    swapped = (shape[1], shape[0], *shape[2:])
+    hint = (
+        "; xs looks batch-major (B, T, ...): pass jnp.swapaxes(xs, 0, 1)"
+        if swapped[1:-1] == batch
+        else ""
+    )
+    raise ValueError(
+        f"{fn}(xs=...): time is the leading axis of xs, whose shape must be (T, *batch, "
+        f"input_size) with the carry's batch shape {batch}, i.e. (T, "
+        f"{', '.join(map(str, batch)) + ', ' if batch else ''}input_size); got xs of shape "
+        f"{shape} for a carry of shape {(*batch, _hidden(carry))}{hint}"
+    )
+
+
+def _hidden(carry: Any) -> int | str:
+    sizes = {np.shape(a)[-1] for a in jax.tree.leaves(carry) if np.ndim(a) >= 1}
+    return sizes.pop() if len(sizes) == 1 else "H"
+
+
+@contextlib.contextmanager
+def _params_checked(fn: str, cell: Cell, params: Any):
+    """Turn the ``KeyError`` of a parameter that ``params`` lacks into a ``ValueError``
+    naming the cell, the keys it expects and the keys it got."""
+    try:
+        yield
+    except KeyError as err:
+        if not isinstance(params, Mapping) or not err.args or err.args[0] in params:
+            raise
+        want = _param_keys(cell)
+        got = sorted(params, key=str)
+        owners = [c.name for c in _REGISTRY.values() if c is not cell and _param_keys(c) == got]
+        like = f" (the parameters of the {owners[0]!r} cell)" if owners else ""
+        expects = f"keys {want}" if want is not None else f"a key {err.args[0]!r}"
+        raise ValueError(
+            f"{fn}(params=...): the {cell.name!r} cell expects parameters with {expects}, got "
+            f"keys {got}{like}; build them with bj.cells.get({cell.name!r}).init(key, "
+            "input_size, hidden_size)"
+        ) from err
+
+
+def _param_keys(cell: Cell) -> list | None:
+    """The keys of ``cell.init``'s parameters (an abstract trace), or None if not a dict."""
+    try:
+        shapes = jax.eval_shape(lambda k: cell.init(k, 1, 1), jax.random.key(0))
+    except Exception:  # noqa: BLE001 - only for an error message
+        return None
+    return sorted(shapes, key=str) if isinstance(shapes, Mapping) else None
 
 
 def _check_chunks(fn: str, batch_chunks: Any) -> int | str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import re
@@ -108,17 +109,37 @@ class RematStrategy(abc.ABC):
     def from_arg(cls, arg: str | None) -> RematStrategy:
         """The strategy named by the text after the colon in :func:`from_string`.
 
-        The default takes no argument (``cls()``) or one int (``cls(int(arg))``);
-        override it for other arguments.
+        The default takes no argument (``cls()``) or one int (``cls(int(arg))``),
+        as far as ``cls``'s signature allows; override it for other arguments.
+
+        Raises:
+          ValueError: ``arg`` is missing where ``cls`` needs one, given where
+            ``cls`` takes none, or not an int; the message shows the accepted form.
         """
+        name = _registered_name(cls)
+        try:
+            params = list(inspect.signature(cls).parameters.values())
+        except (TypeError, ValueError):  # no signature to read: try the call as it is
+            params = None
+        required = [
+            p.name
+            for p in params or ()
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        first = params[0].name if params else "value"
         if arg is None:
+            if required:
+                raise ValueError(
+                    f"{cls.__name__} expects an int argument ({first}), e.g. '{name}:4'; got none"
+                )
             return cls()
+        if params == []:
+            raise ValueError(f"{cls.__name__} takes no argument, got {arg!r}: write '{name}'")
         try:
             value = int(arg.replace("_", ""))
         except ValueError:
             raise ValueError(
-                f"{cls.__name__} expects an int argument (e.g. '{cls.__name__.lower()}:4'), "
-                f"got {arg!r}"
+                f"{cls.__name__} expects an int argument ({first}), e.g. '{name}:4', got {arg!r}"
             ) from None
         return cls(value)
 
@@ -220,17 +241,33 @@ def from_string(spec: str) -> RematStrategy:
 
     Raises:
       ValueError: unknown name (the message lists the registered ones) or a
-        bad argument.
+        bad argument: a missing or extra one, a malformed int, a policy
+        factory such as ``save_only_these_names`` (which needs names, given
+        in Python); the message quotes ``spec`` and the accepted form.
+      TypeError: ``spec`` is not a ``str``.
     """
     if not isinstance(spec, str):
-        raise TypeError(f"from_string(spec=...) expects a str, got {type(spec).__name__}")
+        raise TypeError(
+            f"from_string(spec=...) expects a str such as 'binomial:14', got "
+            f"{type(spec).__name__}: {spec!r}"
+        )
     name, colon, arg = spec.strip().partition(":")
     cls = _REGISTRY.get(name.strip().lower())
     if cls is None:
         raise ValueError(
-            f"unknown remat strategy {name!r} in {spec!r}; registered: {', '.join(_REGISTRY)}"
+            f"unknown remat strategy {name.strip()!r} in {spec!r}; registered: "
+            f"{', '.join(_REGISTRY)} (write 'name' or 'name:argument')"
         )
-    return cls.from_arg(arg.strip() if colon else None)
+    try:
+        return cls.from_arg(arg.strip() if colon else None)
+    except (ValueError, TypeError, OverflowError) as err:
+        # a strategy's own checks speak of its constructor; say which text failed
+        raise ValueError(f"remat spec {spec!r}: {err}") from err
+
+
+def _registered_name(cls: type) -> str:
+    """The name ``cls`` is registered under (the first), or its lower-cased class name."""
+    return next((n for n, c in _REGISTRY.items() if c is cls), cls.__name__.lower())
 
 
 def examples() -> tuple[RematStrategy, ...]:
@@ -292,11 +329,25 @@ class EveryStep(RematStrategy):
     def from_arg(cls, arg):
         if arg is None:
             return cls()
-        policy = getattr(jax.checkpoint_policies, arg, None)
-        if not callable(policy) or arg.startswith("_"):
+        policy = None if arg.startswith("_") else getattr(jax.checkpoint_policies, arg, None)
+        if not callable(policy):
             raise ValueError(
-                f"every_step:{arg}: expects the name of a jax.checkpoint_policies value "
-                "such as 'dots_saveable'"
+                f"every_step expects the name of a jax.checkpoint_policies value such as "
+                f"'dots_saveable', got {arg!r}; policies: {', '.join(_named_policies())}"
+            )
+        if not _is_policy(policy):
+            names = (
+                " (names given with jax.ad_checkpoint.checkpoint_name; bj.cells attaches "
+                "'input_projection' and 'hidden_projection')"
+                if "names" in _signature(policy)
+                else ""
+            )
+            raise ValueError(
+                f"jax.checkpoint_policies.{arg}{_signature(policy)} makes a policy from its "
+                "arguments and is not one itself, and a spec cannot pass them. In Python, "
+                f"call it: bj.EveryStep(jax.checkpoint_policies."
+                f"{_FACTORY_EXAMPLES.get(arg, arg + '(...)')}){names}. Policies a spec can "
+                f"name: {', '.join(_named_policies())}"
             )
         return cls(policy)
 
@@ -314,6 +365,41 @@ class EveryStep(RematStrategy):
         # and lets XLA fuse the recomputation with the backward step.
         step = jax.checkpoint(f, policy=self.policy, prevent_cse=False)
         return jax.lax.scan(step, init, xs, length=length, reverse=reverse, unroll=unroll)
+
+
+_FACTORY_EXAMPLES = {
+    "save_only_these_names": "save_only_these_names('hidden_projection')",
+    "save_any_names_but_these": "save_any_names_but_these('input_projection')",
+    "save_anything_except_these_names": "save_anything_except_these_names('input_projection')",
+}
+
+
+def _is_policy(fn: Callable) -> bool:
+    """Whether ``fn`` is a checkpoint policy rather than a factory of them.
+
+    ``jax.checkpoint`` calls a policy as ``policy(prim, *avals, **params)``,
+    so a policy takes any keyword argument; the factories in
+    ``jax.checkpoint_policies`` (``save_only_these_names(*names)``,
+    ``save_from_both_policies(policy_1, policy_2)``, ...) take none.
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin: nothing to tell by, take it as given
+        return True
+    return any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _named_policies() -> list[str]:
+    """The names in ``jax.checkpoint_policies`` that are policies (not factories)."""
+    names = (n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+    return [n for n in names if _is_policy(getattr(jax.checkpoint_policies, n))]
+
+
+def _signature(fn: Callable) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
 
 
 def _balanced_lengths(length: int, levels: int) -> tuple[int, ...]:
@@ -497,12 +583,13 @@ class Nested(RematStrategy):
     def from_arg(cls, arg):
         if arg is not None and "x" in arg:
             try:
-                return cls(lengths=tuple(int(n) for n in arg.split("x")))
+                lengths = tuple(int(n.replace("_", "")) for n in arg.split("x"))
             except ValueError:
                 raise ValueError(
-                    f"nested:{arg}: expects levels ('nested:3') or level lengths "
-                    "separated by 'x' ('nested:10x10')"
+                    f"nested expects levels ('nested:3') or level lengths separated by 'x' "
+                    f"('nested:10x10'), got {arg!r}"
                 ) from None
+            return cls(lengths=lengths)
         return super().from_arg(arg)
 
     @classmethod
@@ -524,6 +611,11 @@ class Nested(RematStrategy):
                 )
             return self.lengths
         return _weighted_lengths(length, self.levels, ratio)
+
+    def _check(self, length: int) -> None:
+        """Refuse, before the step is traced, ``lengths`` that do not cover ``length`` steps."""
+        if self.lengths is not None:
+            self.level_lengths(length)
 
     def cost(self, length, costs):
         C, R = costs.carry_bytes, costs.residual_bytes

@@ -14,7 +14,8 @@ ways to compute the gradient of a recurrent model:
   ``1/π_t``, else cut, which gives an unbiased estimate of the full gradient.
 
 A truncation only changes the cotangent that flows from step ``t`` back into
-the carry ``h_{t-1}``; forward values are never changed, and gradients that
+the carry that entered it (``h_{t-1}``, or the output of step ``t + 1`` with
+``reverse=True``); forward values are never changed, and gradients that
 reach parameters or inputs directly inside a step are kept. Every strategy
 composes with every rematerialization strategy.
 
@@ -149,12 +150,15 @@ def _is_key(x: Any) -> bool:
 class RandomTruncate(TruncationStrategy):
     """Randomized truncation (d2l 9.7.1.3; Tallec & Ollivier, 2017).
 
-    At every step ``t`` after the first, an independent
-    ``ξ_t`` is drawn with ``P(ξ_t = 1/π_t) = π_t`` and ``P(ξ_t = 0) = 1 - π_t``
-    and the cotangent flowing back into the carry ``h_{t-1}`` is multiplied by
-    ``ξ_t``. Since ``E[ξ_t] = 1`` and the draws are independent, the expected
-    gradient equals the full-BPTT gradient (the estimator is unbiased); its
-    variance grows as ``π_t`` shrinks. With a constant ``π`` the length of the
+    At every step ``t`` (an index of ``xs``) except the first one processed, an
+    independent ``ξ_t`` is drawn with ``P(ξ_t = 1/π_t) = π_t`` and
+    ``P(ξ_t = 0) = 1 - π_t``, and the cotangent flowing back from step ``t``
+    into the carry entering it is multiplied by ``ξ_t``: into ``h_{t-1}``,
+    the output of step ``t - 1``, or with ``reverse=True`` into the output of
+    step ``t + 1``, which is processed just before ``t``. Since ``E[ξ_t] = 1``
+    and the draws are independent, the expected gradient equals the
+    full-BPTT gradient (the estimator is unbiased); its variance grows as
+    ``π_t`` shrinks. With a constant ``π`` the length of the
     kept history is geometric with mean ``1/(1 - π)`` steps.
 
     Args:
@@ -166,9 +170,11 @@ class RandomTruncate(TruncationStrategy):
       keep_prob: ``π``, the probability of keeping the carry's gradient at a
         step: a float in ``(0, 1]`` for every step, or an array of shape
         ``(T,)`` giving ``π_t`` per index ``t`` of ``xs``. The entry of the
-        first step processed is never used: ``keep_prob[0]``, or
-        ``keep_prob[T - 1]`` with ``reverse=True`` (nothing precedes that step
-        except ``init``, whose gradient is always kept).
+        first step processed is never used, and every other entry is:
+        ``keep_prob[0]`` is the unused one going forward, ``keep_prob[T - 1]``
+        with ``reverse=True`` (where ``keep_prob[0]`` is used, for the last
+        step processed). Nothing is processed before that first step, whose
+        carry is ``init``, and the gradient of ``init`` is always kept.
 
     Cost: one integer counter in the carry; ``ξ_t`` is recomputed from
     ``fold_in(key, t)`` in the backward pass, never stored.

@@ -379,6 +379,35 @@ def test_forward_mode_jvp_is_refused_with_a_pointer_to_nested():
     np.testing.assert_allclose(got, want, rtol=1e-13)
 
 
+def test_linearize_is_refused_with_a_pointer_to_nested():
+    """jax.linearize raises the library's TypeError, not JAX's custom_vjp error.
+
+    The error comes at linearization, so the linear function that JAX would
+    refuse to evaluate is never returned; under jit, at tracing.
+    """
+    message = r"does not support forward-mode jax.linearize of the scan.*bj\.Nested"
+    loss = lambda w: simple_loss(w, bj.Binomial(2))
+    with pytest.raises(TypeError, match=message):
+        jax.linearize(loss, 0.3)
+    with pytest.raises(TypeError, match=message):  # evaluating the linear function, traced
+        jax.jit(lambda w, t: jax.linearize(loss, w)[1](t))(0.3, 1.0)
+    with pytest.raises(TypeError, match=message):  # a vmap inside passes the call on
+        jax.linearize(lambda w: jnp.sum(jax.vmap(loss)(w)), jnp.array([0.3, 0.4]))
+    # Nested linearizes, as jvp
+    y, f_jvp = jax.linearize(lambda w: simple_loss(w, bj.Nested(2)), 0.3)
+    want = jax.jvp(lambda w: simple_loss(w, bj.StoreAll()), (0.3,), (1.0,))
+    np.testing.assert_allclose((y, f_jvp(1.0)), want, rtol=1e-13)
+
+
+def test_linearize_of_the_gradient_works():
+    """linearize∘grad evaluates the backward pass's linearization, never transposes it."""
+    g = jax.grad(simple_loss)
+    _, hvp = jax.linearize(lambda w: g(w, bj.Binomial(2)), 0.3)
+    want = jax.jvp(lambda w: g(w, bj.StoreAll()), (0.3,), (1.0,))[1]
+    np.testing.assert_allclose(hvp(1.0), want, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(hvp)(2.0), 2.0 * want, rtol=1e-12)
+
+
 def test_grad_of_grad_is_refused_but_hessian_vector_products_work():
     g = jax.grad(simple_loss)
     with pytest.raises(TypeError, match=r"reverse-mode differentiation of its gradient.*Nested"):

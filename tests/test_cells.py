@@ -318,6 +318,32 @@ def test_init_rejects_bad_arguments(init):
         init(key, D, H, jnp.complex64)
 
 
+@pytest.mark.parametrize("init", [cells.init_rnn, cells.init_gru, cells.init_lstm])
+def test_init_asks_for_a_key_not_a_seed(init):
+    name = init.__name__
+    with pytest.raises(TypeError, match=rf"{name}\(key=\.\.\.\) .*jax\.random\.key\(0\).*int 0"):
+        init(0, D, H)
+    with pytest.raises(TypeError, match=rf"{name}\(key=\.\.\.\) .*jax\.random\.key\(seed\)"):
+        init(0.5, D, H)
+    with pytest.raises(TypeError, match=r"expects a PRNG key.*float32"):
+        init(jnp.zeros(2, jnp.float32), D, H)
+    with pytest.raises(ValueError, match=r"a single PRNG key, got a key array of shape \(2,\)"):
+        init(jax.random.split(jax.random.key(0)), D, H)
+    # a legacy raw key still works, and draws what the typed key of its seed draws
+    legacy = init(jax.random.PRNGKey(3), D, H)
+    typed = init(jax.random.key(3), D, H)
+    jax.tree.map(np.testing.assert_array_equal, legacy, typed)
+    jax.tree.map(
+        np.testing.assert_array_equal, init(np.asarray(jax.random.PRNGKey(3)), D, H), typed
+    )
+    # under jit, keys are traced
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.jit(init, static_argnums=(1, 2))(jax.random.key(3), D, H),
+        typed,
+    )
+
+
 def test_initial_carry_rejects_bad_arguments():
     with pytest.raises(
         ValueError,

@@ -97,6 +97,79 @@ def test_from_string_errors(spec, error, match):
         bj.remat.from_string(3)
 
 
+POLICY_FACTORIES = [
+    "save_only_these_names",
+    "save_any_names_but_these",
+    "save_anything_except_these_names",
+    "save_from_both_policies",
+    "offload_dot_with_no_batch_dims",
+    "save_and_offload_only_these_names",
+]
+
+
+MALFORMED_SPECS = [
+    ("", r"unknown remat strategy ''.*'name' or 'name:argument'"),
+    (":", r"unknown remat strategy ''"),
+    (" : ", r"unknown remat strategy ''"),
+    ("unknown", r"unknown remat strategy 'unknown'.*store_all, every_step"),
+    ("nested:", r"Nested expects an int argument \(levels\), e.g. 'nested:4', got ''"),
+    ("nested:0", r"levels >= 1"),
+    ("nested:2x", r"level lengths separated by 'x' \('nested:10x10'\), got '2x'"),
+    ("nested:axb", r"level lengths separated by 'x'.*got 'axb'"),
+    ("nested:2x0", r"lengths\[1\] is 0"),
+    ("binomial", r"Binomial expects an int argument \(snapshots\), e.g. 'binomial:4'"),
+    ("binomial:", r"Binomial expects an int argument.*got ''"),
+    ("binomial:x", r"Binomial expects an int argument.*got 'x'"),
+    ("binomial:-1", r"snapshots >= 1.*got -1"),
+    ("binomial:1.5", r"Binomial expects an int argument.*got '1.5'"),
+    ("store_all:3", r"StoreAll takes no argument, got '3': write 'store_all'"),
+    ("store_all:", r"StoreAll takes no argument"),
+    ("every_step:nope", r"checkpoint_policies value such as 'dots_saveable'.*'nope'"),
+    ("every_step:_private", r"checkpoint_policies value.*'_private'"),
+    *(
+        (f"every_step:{name}", rf"{name}\(.*is not one itself.*bj\.EveryStep\(jax")
+        for name in POLICY_FACTORIES
+    ),
+    ("budget", r"budget expects a size, e.g. 'budget:64MB'"),
+    ("budget:", r"is not a size"),
+    ("budget:-5MB", r"is not a size"),
+    ("budget:1e400", r"remat spec 'budget:1e400'"),
+    ("budget:nan", r"remat spec 'budget:nan'"),
+]
+
+
+@pytest.mark.parametrize("spec, match", MALFORMED_SPECS, ids=[repr(s) for s, _ in MALFORMED_SPECS])
+def test_from_string_malformed_specs_name_the_spec(spec, match):
+    """Every malformed spec is a ValueError that quotes the spec and what is accepted."""
+    with pytest.raises(ValueError, match=match) as err:
+        bj.remat.from_string(spec)
+    assert type(err.value) is ValueError, repr(err.value)
+    assert repr(spec) in str(err.value)
+
+
+def test_from_string_factories_say_how_to_pass_names():
+    with pytest.raises(ValueError) as err:
+        bj.remat.from_string("every_step:save_only_these_names")
+    message = str(err.value)
+    assert "bj.EveryStep(jax.checkpoint_policies.save_only_these_names('hidden_projection'))" in (
+        message
+    )
+    assert "nothing_saveable" in message and "dots_saveable" in message
+    # the policies that a spec names still work, and run
+    for name in ("dots_saveable", "nothing_saveable", "everything_saveable", "checkpoint_dots"):
+        got = bj.remat.from_string(f"every_step:{name}")
+        assert got == bj.EveryStep(getattr(jax.checkpoint_policies, name))
+    got = grad_loss(make_params(), make_xs(5), bj.remat.from_string("every_step:dots_saveable"))
+    assert_trees_close(got, grad_loss(make_params(), make_xs(5)))
+
+
+@pytest.mark.parametrize("spec", [3, None, b"binomial:3", ("binomial", 3)])
+def test_from_string_rejects_a_spec_that_is_not_a_str(spec):
+    with pytest.raises(TypeError, match=r"from_string\(spec=...\) expects a str") as err:
+        bj.remat.from_string(spec)
+    assert repr(spec) in str(err.value)
+
+
 def test_examples_cover_every_registered_strategy():
     kinds = {type(s) for s in bj.remat.examples()}
     assert kinds == set(bj.remat.STRATEGIES.values())

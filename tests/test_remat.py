@@ -381,6 +381,38 @@ def test_nested_rejects_bad_arguments():
     assert bj.Nested(lengths=[2, 3]) == bj.Nested(levels=2, lengths=(2, 3))
 
 
+def counting_step(calls):
+    def step(h, x):
+        calls.append(1)
+        return h + x, None
+
+    return step
+
+
+def test_nested_lengths_are_checked_with_the_length_alone():
+    """``Nested._check(T)`` needs no step: the boundary calls it before any trace."""
+    with pytest.raises(ValueError, match=r"Nested\(lengths=\(2, 2\)\) covers only 4 steps.*10"):
+        bj.Nested(lengths=(2, 2))._check(10)
+    bj.Nested(lengths=(2, 5))._check(10)
+    bj.Nested(levels=3)._check(10**9)  # levels= adapts to any length
+    calls = []
+    with pytest.raises(ValueError, match=r"covers only 4 steps"):
+        bj.Nested(lengths=(2, 2)).scan(counting_step(calls), 0.0, jnp.ones(10), 10, False, 1)
+    assert calls == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs bj.scan() to call remat._check(T) before its first trace of the step "
+    "(_scan.scan is another change's; issue 25)",
+)
+def test_nested_lengths_are_checked_before_bj_scan_traces_the_step():
+    calls = []
+    with pytest.raises(ValueError, match=r"covers only 4 steps.*length 10"):
+        bj.scan(counting_step(calls), 0.0, jnp.ones(10), remat=bj.Nested(lengths=(2, 2)))
+    assert calls == []
+
+
 def test_predict_and_measure_reject_bad_arguments():
     with pytest.raises(TypeError, match="predict\\(remat=...\\)"):
         bj.memory.predict("nested", 10, 1, 1)

@@ -501,3 +501,64 @@ def test_rejects_bad_arguments():
         bj.cells.run("rnn", params, carry, xs, truncation=3)
     with pytest.raises(ValueError, match="hidden state must have shape"):
         bj.cells.run("rnn", params, jnp.zeros((B, H + 1)), xs)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_major_xs_is_refused_with_the_fix(cell):
+    c, params, carry, xs = problem(cell, 5, batch=(3,))
+    batch_major = jnp.swapaxes(xs, 0, 1)  # (B, T, D), as batch_first layers take
+    with pytest.raises(
+        ValueError,
+        match=r"run\(xs=...\): time is the leading axis of xs.*\(T, 3, input_size\); got xs of "
+        r"shape \(3, 5, 3\) for a carry of shape \(3, 4\); xs looks batch-major.*"
+        r"jnp\.swapaxes\(xs, 0, 1\)",
+    ):
+        bj.cells.run(cell, params, carry, batch_major)
+    with pytest.raises(ValueError, match=r"choose_batch_chunks\(xs=...\): time is the leading"):
+        bj.cells.choose_batch_chunks(cell, params, carry, batch_major)
+    # a batch that swapping does not fix: no hint
+    with pytest.raises(ValueError, match=r"carry's batch shape \(3,\)") as err:
+        bj.cells.run(cell, params, carry, jnp.ones((5, 2, D)))
+    assert "swapaxes" not in str(err.value)
+    # the fix works
+    assert_trees_close(
+        bj.cells.run(cell, params, carry, jnp.swapaxes(batch_major, 0, 1)),
+        bj.scan(functools.partial(c.step, params), carry, xs),
+    )
+
+
+def test_another_cells_parameters_are_named():
+    _, rnn_params, carry, xs = problem("rnn", 3)
+    with pytest.raises(
+        ValueError,
+        match=r"run\(params=...\): the 'gru' cell expects parameters with keys \['W_h', 'W_x', "
+        r"'b_hn', 'b_x'\], got keys \['W_hh', 'W_xh', 'b_h'\] \(the parameters of the 'rnn' "
+        r"cell\)",
+    ) as err:
+        bj.cells.run("gru", rnn_params, carry, xs)
+    assert isinstance(err.value.__cause__, KeyError)
+    _, lstm_params, _, _ = problem("lstm", 3)
+    with pytest.raises(ValueError, match=r"'gru' cell expects.*\(the parameters of the 'lstm'"):
+        bj.cells.run("gru", lstm_params, carry, xs, remat=bj.EveryStep())
+    with pytest.raises(ValueError, match=r"'rnn' cell expects parameters with keys"):
+        bj.cells.choose_batch_chunks("rnn", lstm_params, carry, xs)
+    # a cell without a Split runs bj.scan of its step: the same error
+    plain = bj.cells.Cell("plain_gru", bj.cells.gru, bj.cells.init_gru)
+    with pytest.raises(ValueError, match=r"the 'plain_gru' cell expects parameters with keys"):
+        bj.cells.run(plain, rnn_params, carry, xs)
+
+
+def test_nested_lengths_are_checked_before_the_step_is_traced():
+    calls = []
+
+    def counted(params, h, x):
+        calls.append(1)
+        return bj.cells.rnn(params, h, x)
+
+    cell = bj.cells.Cell("counted", counted, bj.cells.init_rnn, split=bj.cells.RNN_SPLIT)
+    _, params, carry, xs = problem("rnn", 10)
+    with pytest.raises(ValueError, match=r"covers only 4 steps.*length 10"):
+        bj.cells.run(cell, params, carry, xs, remat=bj.Nested(lengths=(2, 2)))
+    assert calls == []
+    bj.cells.run(cell, params, carry, xs, remat=bj.Nested(lengths=(2, 5)))
+    assert calls

@@ -241,6 +241,58 @@ def test_error_step_changes_carry_dtype():
         bj.scan(step, {"h": jnp.zeros(2)}, jnp.zeros((3, 2)))
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_error_shape_error_in_the_step_notes_the_time_major_layout(name):
+    """A shape error inside the step keeps JAX's message, chained, and says what bj.scan fed it."""
+    W_x, W_h = jnp.ones((D, H)), jnp.eye(H)
+    step = lambda h, x: (jnp.tanh(x @ W_x + h @ W_h),) * 2
+    h0, xs = jnp.zeros((4, H)), jnp.ones((20, 4, D))
+    batch_major = jnp.swapaxes(xs, 0, 1)  # (B, T, D)
+    with pytest.raises(TypeError) as err:
+        bj.scan(step, h0, batch_major, remat=STRATEGIES[name])
+    message = str(err.value)
+    assert message.startswith(str(err.value.__cause__)), message  # JAX's message, first
+    assert "incompatible shapes" in message
+    assert "scans over the leading axis of xs (time-major, xs: (T, ...))" in message
+    assert "x of shape (20, 3), and carry of shape (4, 4)" in message
+    assert "batch-major" in message and "jnp.swapaxes(xs, 0, 1)" in message
+    assert message.count("bj.scan scans") == 1
+    # the fix works
+    want = jax.lax.scan(step, h0, xs)
+    assert_trees_equal(bj.scan(step, h0, jnp.swapaxes(batch_major, 0, 1)), want)
+
+
+def test_error_shape_note_only_for_shape_errors_and_hint_only_where_it_fits():
+    # the batch axes agree: a shape error, but not the layout's
+    step = lambda h, x: (h + x[:, :2], None)
+    with pytest.raises(TypeError, match=r"x of shape \(4, 3\), and carry of shape") as err:
+        bj.scan(step, jnp.zeros((4, 4)), jnp.ones((5, 4, 3)))
+    assert "batch-major" not in str(err.value)
+    # pytree x and carry: every leaf by its path
+    step = lambda c, x: ({"h": c["h"] + x["a"]}, None)
+    with pytest.raises(TypeError, match=r"x\['a'\] of shape \(2, 3\), and carry\['h'\] of shape"):
+        bj.scan(step, {"h": jnp.zeros((4, 3))}, {"a": jnp.ones((4, 2, 3))})
+    # other errors pass through untouched
+    boom = TypeError("not about the layout")
+
+    def raises(h, x):
+        raise boom
+
+    with pytest.raises(TypeError) as err:
+        bj.scan(raises, jnp.zeros(2), jnp.zeros((3, 2)))
+    assert err.value is boom
+    # a nested bj.scan's note is not repeated, nor added to its own errors
+    inner = lambda h, x: (h + x, None)
+    outer = lambda h, xs: (bj.scan(inner, h, xs)[0], None)
+    with pytest.raises(TypeError) as err:
+        bj.scan(outer, jnp.zeros((4, 3)), jnp.ones((2, 5, 2, 3)))
+    assert str(err.value).count("bj.scan scans") == 1
+    grow = lambda h, x: (jnp.concatenate([h, x]), None)
+    with pytest.raises(TypeError) as err:
+        bj.scan(lambda h, xs: (bj.scan(grow, h, xs)[0], None), jnp.zeros(2), jnp.zeros((2, 3, 2)))
+    assert "bj.scan scans" not in str(err.value)
+
+
 def test_error_step_does_not_return_pair():
     with pytest.raises(TypeError, match=r"must return a pair \(carry, y\)"):
         bj.scan(lambda h, x: h, jnp.zeros(2), jnp.zeros((3, 2)))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err, tree_rel_err
+from helpers import assert_trees_equal, rel_err, tree_rel_err
 
 import bpttjax as bj
 
@@ -333,6 +333,33 @@ def test_random_truncate_first_processed_entry_of_keep_prob_is_unused(reverse):
     base = grads(first, 0.5)
     assert tree_rel_err(grads(first, 1e-6), base) == 0.0
     assert tree_rel_err(grads(other, 1.0), base) > 1e-3  # kept where 0.5 cut, or unscaled
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_random_truncate_unused_keep_prob_entry_changes_no_gradient(reverse):
+    """The docstring's claim, entry by entry: the first step processed (index 0, or
+    T - 1 with reverse=True) has an unused entry, which changes no gradient (of the
+    parameters, init or xs); every other entry changes one."""
+    T = 6
+    p = make_params()
+    h0, xs = inputs(T)
+    unused = T - 1 if reverse else 0
+
+    @jax.jit
+    def grads_for(keep):
+        tr = bj.RandomTruncate(jax.random.key(4), keep_prob=keep)
+        scan_fn = functools.partial(bj.scan, reverse=reverse, truncation=tr)
+        return jax.grad(functools.partial(loss, scan_fn), argnums=(0, 1, 2))(p, h0, xs)
+
+    base_keep = jnp.full(T, 0.5)
+    base = grads_for(base_keep)
+    for entry in range(T):
+        moved = [grads_for(base_keep.at[entry].set(value)) for value in (1e-3, 0.99, 1.0)]
+        if entry == unused:
+            for grads in moved:
+                assert_trees_equal(grads, base)
+        else:
+            assert max(tree_rel_err(grads, base) for grads in moved) > 1e-3, entry
 
 
 # --- second derivatives -------------------------------------------------------------------
