@@ -110,6 +110,7 @@ def scan(
     _check_unroll(unroll)
     _check_leaves("init", init)
     T = _check_length(xs, length)
+    remat._check(T)
     if truncation is not None:
         truncation._check(T)
 

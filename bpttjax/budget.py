@@ -46,7 +46,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jex_core
 
 from . import memory
-from ._engine import _is_diff, _split_diff
+from ._engine import _is_diff, _linearized, _split_diff
 from ._scan import _check_length, _checked_step, _promote_weak_init
 
 try:  # the tracers a custom_jvp rule sees (private; without them every JVP plans)
@@ -487,8 +487,20 @@ class Budget(RematStrategy):
             step = lambda c, x: closed(c, x, *consts)
             return strategy.scan(step, init, xs, length, reverse, unroll)
 
+        # jax.linearize (not a VJP) evaluates the linear map forward, which
+        # Binomial, a custom_vjp, cannot; say so where it is chosen.
+        forward = any(_linearized(x) for x in jax.tree.leaves((consts, init, xs)))
+
         def choose(consts, init, xs):
-            return self._plan(lambda c, x: closed(c, x, *consts), init, xs, length).strategy
+            plan = self._plan(lambda c, x: closed(c, x, *consts), init, xs, length)
+            if forward and isinstance(plan.strategy, Binomial):
+                raise TypeError(
+                    f"{self} chose {plan.strategy} for this scan, which does not support "
+                    "forward-mode jax.linearize (a jax.custom_vjp has no forward-mode rule). "
+                    "Give the budget room for EveryStep, use remat=bj.Nested(levels), "
+                    "or linearize the gradient instead (jax.linearize of jax.grad works)."
+                )
+            return plan.strategy
 
         return _when_linearized(run, choose, (list(consts), init, xs))
 

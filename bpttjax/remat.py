@@ -168,6 +168,11 @@ class RematStrategy(abc.ABC):
     def cost(self, length: int, costs: StepCosts) -> Cost:
         """Predicted temp bytes and recomputed steps for ``length`` steps."""
 
+    def _check(self, length: int) -> None:
+        """Refuse a sequence of ``length`` steps this strategy cannot run, before any
+        trace (``bpttjax.scan`` calls it once the length is known). Default: any."""
+        del length
+
     def scan_layer(self, layer: Any, init: Any) -> tuple[Any, Any]:
         """Run a whole-sequence layer (:func:`bpttjax.cells.run`) under this strategy.
 

@@ -51,6 +51,15 @@ def test_rejects_bad_budgets():
         bj.Budget("1MB", policies=("dots",))
 
 
+@pytest.mark.parametrize("text", ["1e400", "1e400MB", "nan", "NaN MB", "inf", "-inf", "infGB"])
+def test_sizes_out_of_range_are_value_errors(text):
+    """Budget("1e400") raised OverflowError from int(float(...))."""
+    with pytest.raises(ValueError, match=rf"Budget\(bytes={re.escape(repr(text))}\) is not a"):
+        bj.Budget(text)
+    with pytest.raises(ValueError, match="not a"):
+        bj.remat.from_string(f"budget:{text}")
+
+
 def problem(cell, T):
     params = common.init_model(jax.random.key(0), cell, D, H)
     xs = jnp.zeros((T, B, D), jnp.float32)
@@ -377,3 +386,51 @@ def test_xs_none_and_static_argument():
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-12), got, want)
     assert bj.Budget("1MB") == bj.Budget(1_000_000)
     assert hash(bj.Budget("1MB")) == hash(bj.Budget(1_000_000))
+
+
+# --- planned only when a gradient is taken (issue 25) -----------------------------------
+
+
+def test_a_scan_run_forward_is_never_probed(monkeypatch):
+    """Forward, jit, vmap and jvp run as StoreAll without compiling a probe;
+    a gradient plans (and here meets the patched probe)."""
+    w, xs, step = small_problem()
+    budget = small_budget(0.3)
+
+    def no_probe(*args, **kw):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(bj.budget, "_measured_costs", no_probe)
+    h0 = jnp.full(H_SMALL, 0.1)
+    run = lambda remat, h: bj.scan(step, h, xs, remat=remat)
+    want = run(bj.StoreAll(), h0)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-13)
+    for got in (run(budget, h0), jax.jit(run, static_argnums=0)(budget, h0)):
+        jax.tree.map(close, got, want)
+    batched = jax.vmap(lambda h: run(budget, h))(jnp.stack([h0, 2 * h0]))
+    jax.tree.map(close, jax.tree.map(lambda a: a[0], batched), want)
+    loss = lambda remat, h: jnp.sum(run(remat, h)[1])
+    t = jnp.ones(H_SMALL)
+    np.testing.assert_allclose(
+        jax.jvp(lambda h: loss(budget, h), (h0,), (t,))[1],
+        jax.jvp(lambda h: loss(bj.StoreAll(), h), (h0,), (t,))[1],
+        rtol=1e-13,
+    )
+    with pytest.raises(AssertionError, match="probed"):
+        jax.grad(lambda h: loss(budget, h))(h0)
+
+
+def test_under_linearize_a_binomial_choice_is_refused_and_the_rest_work():
+    """jax.linearize evaluates the linear map forward: a Budget that picks
+    Binomial says so (it was JAX's raw custom_vjp error), one that picks
+    StoreAll or EveryStep gives lax.scan's linearization."""
+    w, xs, step = small_problem()
+    h0 = jnp.full(H_SMALL, 0.1)
+    loss = lambda remat, h: jnp.sum(bj.scan(step, h, xs, remat=remat)[1])
+    t = jnp.ones(H_SMALL)
+    _, want = jax.linearize(lambda h: loss(bj.StoreAll(), h), h0)
+    for fraction in (2.0, 0.5):
+        _, got = jax.linearize(lambda h, f=fraction: loss(small_budget(f), h), h0)
+        np.testing.assert_allclose(got(t), want(t), rtol=1e-12)
+    with pytest.raises(TypeError, match=r"chose Binomial.*jax.linearize.*Nested"):
+        jax.linearize(lambda h: loss(small_budget(0.3), h), h0)

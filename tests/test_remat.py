@@ -401,11 +401,6 @@ def test_nested_lengths_are_checked_with_the_length_alone():
     assert calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs bj.scan() to call remat._check(T) before its first trace of the step "
-    "(_scan.scan is another change's; issue 25)",
-)
 def test_nested_lengths_are_checked_before_bj_scan_traces_the_step():
     calls = []
     with pytest.raises(ValueError, match=r"covers only 4 steps.*length 10"):
