@@ -329,6 +329,15 @@ class EveryStep(RematStrategy):
                 "EveryStep(policy=...) expects None or a jax.checkpoint_policies value "
                 f"(a callable), got {type(self.policy).__name__}: {self.policy!r}"
             )
+        if self.policy is not None and not _is_policy(self.policy):
+            name = getattr(self.policy, "__name__", repr(self.policy))
+            raise TypeError(
+                f"EveryStep(policy=...) got {name}{_signature(self.policy)}, which makes a "
+                "policy from its arguments and is not one itself (jax.checkpoint calls a "
+                "policy as policy(prim, *avals, **params)). Call it: e.g. "
+                f"bj.EveryStep(jax.checkpoint_policies."
+                f"{_FACTORY_EXAMPLES.get(name, name + '(...)')})"
+            )
 
     @classmethod
     def from_arg(cls, arg):
@@ -717,11 +726,12 @@ class Binomial(RematStrategy):
     ``r`` forward passes.
 
     Transformations: ``grad``, ``value_and_grad``, ``jit``, ``vmap`` (either
-    side of ``grad``) and ``jvp∘grad`` (Hessian-vector products) work.
-    Forward-mode ``jax.jvp`` of the scan itself and ``grad∘grad`` do not
-    (``custom_vjp`` has no forward-mode rule, and the engine's loops have
-    data-independent but dynamic trip counts); they raise a ``TypeError``
-    naming :class:`Nested`, which supports every transformation.
+    side of ``grad``), ``jvp∘grad`` and ``linearize∘grad`` (Hessian-vector
+    products) work. Forward-mode ``jax.jvp`` and ``jax.linearize`` of the
+    scan itself and ``grad∘grad`` do not (``custom_vjp`` has no forward-mode
+    rule, and the engine's loops have data-independent but dynamic trip
+    counts); they raise a ``TypeError`` naming :class:`Nested`, which
+    supports every transformation.
 
     References:
       A. Griewank and A. Walther, `Algorithm 799: revolve

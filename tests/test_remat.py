@@ -419,3 +419,15 @@ def test_predict_and_measure_reject_bad_arguments():
         bj.memory.measure(None)
     with pytest.raises(ValueError, match="0 < T1 < T2"):
         bj.memory.step_costs(lambda T: None, 1, lengths=(5, 5))
+
+
+@pytest.mark.parametrize(
+    "factory", ["save_only_these_names", "save_any_names_but_these", "save_from_both_policies"]
+)
+def test_every_step_refuses_a_policy_factory(factory):
+    """A factory passed as the policy failed later, inside jax.checkpoint."""
+    fn = getattr(jax.checkpoint_policies, factory)
+    with pytest.raises(TypeError, match=rf"EveryStep\(policy=...\) got {factory}.*Call it"):
+        bj.EveryStep(fn)
+    bj.EveryStep(jax.checkpoint_policies.save_only_these_names("hidden_projection"))
+    bj.EveryStep(lambda prim, *avals, **params: False)  # a policy of one's own
