@@ -323,7 +323,7 @@ class Budget(RematStrategy):
     @classmethod
     def examples(cls):
         # small enough for Binomial at the suite's longer lengths, StoreAll at the shortest
-        return (cls(6_000),)
+        return (cls(30_000),)
 
     def plan(self, f: Callable, init: Any, xs: Any = None, length: int | None = None) -> Plan:
         """The strategy this budget runs for a gradient of ``bj.scan(f, init, xs, length)``.

@@ -205,8 +205,8 @@ def binding(remat, cell: str, batch: int = B):
     params, h0, xs = problem(cell)
     h0, xs = jax.tree.map(lambda a: a[:batch], h0), xs[:, :batch]
     step = functools.partial(bj.cells.get(cell).step, params)
-    costs = bj.Budget(2**40).plan(step, h0, xs).costs
-    budget = bj.Budget(int(bj.StoreAll().cost(T, costs).temp_bytes / 0.95) - 1)
+    plain = bj.Budget(2**40).plan(step, h0, xs)  # StoreAll, its outputs included
+    budget = bj.Budget(plain.predicted_bytes - 1)
     plan = budget.plan(step, h0, xs)
     print(f"    {plan}")
     assert plan.strategy != bj.StoreAll(), plan
