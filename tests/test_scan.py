@@ -336,8 +336,7 @@ WEAK_INITS = {
     "int": 7,
     "float": 0.5,
     "complex": 1 + 2j,
-    "weak-int-array": jnp.asarray(3),
-    "weak-float-array": jnp.asarray(0.25),
+    "weak-array": jnp.asarray(0.25),
 }
 XS_DTYPES = [jnp.int8, jnp.int16, jnp.int32, jnp.float32, jnp.float64]
 
