@@ -92,7 +92,8 @@ through two compilations of the strategy itself (``StoreAll``, a policy) may use
 _SLACK = 256
 """Bytes added to every measured figure for the loss's own small buffers (its
 scalars and reductions), which XLA places in 64-byte aligned slots that the
-probe's loss may not have: seen as up to 96 bytes at tiny sizes."""
+probe's loss may not have; only programs of a few kilobytes feel them (see
+docs/strategies.md for what was measured)."""
 _PROBE_LENGTHS = (64, 128)
 _FUSED_NESTED_OVER = 1.5  # forward passes; see Budget._layer_strategy
 _CHECKS = 4
@@ -260,8 +261,8 @@ class Budget(RematStrategy):
     ``EveryStep()``, else ``Binomial`` with the most snapshots that fit. A
     prediction from the step's costs (``EveryStep()``, ``Binomial``) aims at
     95% of what is left for the schedule. The choice is then compiled at the
-    full length; where XLA's figure and the outputs exceed the budget (on an
-    H200 the GRU's model missed a constant ~0.4 MB), the excess is added to
+    full length; where XLA's figure and the outputs exceed the budget (a cost
+    model can miss a constant on another backend), the excess is added to
     every prediction and the choice made again. Under a mesh in context
     this check is skipped: the unsharded program it would compile overstates
     each device's share.

@@ -12,7 +12,7 @@ import pytest
 from helpers import CELLS
 
 import bpttjax as bj
-from experiments import common
+from experiments import budget_promise, common
 
 B, D, H = 32, 64, 256
 
@@ -82,29 +82,11 @@ FRACTIONS = (0.01, 0.3, 1.01)
 in docs/budget (experiments/budget_promise.py) has 1% to 120% in seven steps."""
 
 
-def grid_step(cell, params, loss):
-    """The step each loss scans: the cell's ``(carry, h)``, or a per-step loss inside."""
-    step = functools.partial(bj.cells.get(cell).step, params)
-    if loss != "per_step":
-        return step
-
-    def per_step(carry, x):
-        carry, h = step(carry, x)
-        return carry, jnp.mean(h * h)
-
-    return per_step
-
-
-def grid_loss(params, xs, *, cell, loss, remat):
-    """The README's ``jnp.mean(hs**2)``, a per-step loss, or a loss linear in ``ys``."""
-    h0 = bj.cells.initial_carry(cell, GH, (GB,), dtype=xs.dtype)
-    _, ys = bj.scan(grid_step(cell, params, loss), h0, xs, remat=remat)
-    return jnp.mean(ys) if loss != "readme" else jnp.mean(ys**2)
+grid_step = budget_promise.step_for  # the script's losses and measurement: one definition
 
 
 def grid_temp(cell, loss, remat, params, xs):
-    fn = jax.grad(functools.partial(grid_loss, cell=cell, loss=loss, remat=remat))
-    return bj.memory.measure(fn, params, xs).temp_bytes
+    return budget_promise.grad_temp(cell, loss, remat, params, xs, GH)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 import csv
 
-from experiments import common
+from experiments import budget_promise
 
 LOSSES = ("readme", "per_step", "linear")
 
@@ -13,8 +13,8 @@ def read(path):
 
 
 def test_quick_run_keeps_the_promise_and_resumes(tmp_path):
-    argv = ["--quick", "--lengths", "40", "--fractions", "0.01,0.3,1.2", "--out", tmp_path]
-    common.run("budget_promise", argv)
+    argv = ["--quick", "--lengths", "40", "--fractions", "0.01,0.3,1.2", "--out", str(tmp_path)]
+    budget_promise.main(argv)
     path = tmp_path / "budget_promise.csv"
     rows = read(path)
     assert {(r["T"], r["loss"]) for r in rows} == {("40", x) for x in LOSSES}
@@ -30,5 +30,5 @@ def test_quick_run_keeps_the_promise_and_resumes(tmp_path):
     big = [r for r in rows if float(r["fraction"]) == 1.2 and r["loss"] != "linear"]
     assert big and all(r["strategy"] == "StoreAll()" for r in big), big
     before = path.read_bytes()
-    common.run("budget_promise", argv)  # every point is there: nothing is measured again
+    budget_promise.main(argv)  # every point is there: nothing is measured again
     assert path.read_bytes() == before
