@@ -435,7 +435,7 @@ def _promote_weak_init(step: Callable, init: Any, xs: Any) -> tuple[Any, Any]:
     avals = [jax.typeof(leaf) for leaf in leaves]
     if not any(getattr(a, "weak_type", False) for a in avals):
         return init, None
-    x = None if xs is None else jax.tree.map(_one_step_aval, xs)
+    x = _one_step(xs)
     types = jax.eval_shape(step, init, x)
     promoted, changed = [], False
     for leaf, aval, out in zip(leaves, avals, jax.tree.leaves(types[0]), strict=True):
@@ -461,6 +461,11 @@ def _weak_as(types: Any, out: tuple) -> tuple:
     carry_t, y_t = types
     carry, ys = out
     return jax.tree.map(like, carry, carry_t), jax.tree.map(like, ys, y_t)
+
+
+def _one_step(xs: Any) -> Any:
+    """One step's ``x`` of ``xs`` (leading axis dropped), abstractly, weak types kept."""
+    return None if xs is None else jax.tree.map(_one_step_aval, xs)
 
 
 def _one_step_aval(a: Any) -> jax.ShapeDtypeStruct:

@@ -46,18 +46,17 @@ from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jex_core
 
 from . import memory
-from ._engine import _is_diff, _linearized, _split_diff
-from ._scan import _check_length, _checked_step, _promote_weak_init
+from ._engine import _BATCH_TRACER, _is_diff, _linearized, _split_diff
+from ._scan import _check_length, _checked_step, _one_step, _promote_weak_init
 
 try:  # the tracers a custom_jvp rule sees (private; without them every JVP plans)
     from jax._src.interpreters.ad import JVPTracer as _JVP_TRACER
-    from jax._src.interpreters.batching import BatchTracer as _BATCH_TRACER
     from jax._src.interpreters.partial_eval import DynamicJaxprTracer as _JIT_TRACER
     from jax._src.interpreters.partial_eval import JaxprTracer as _JAXPR_TRACER
 
     _PURE_TRACERS: tuple = (_JIT_TRACER, _JVP_TRACER)
 except ImportError:  # pragma: no cover
-    _JAXPR_TRACER = _BATCH_TRACER = None
+    _JAXPR_TRACER = None
     _PURE_TRACERS = ()
 from .remat import (
     Binomial,
@@ -595,10 +594,6 @@ def _output_bytes(f: Callable, init: Any, xs: Any, length: int) -> int:
     return outputs + cotangents
 
 
-def _one_step(xs: Any) -> Any:
-    return None if xs is None else jax.tree.map(lambda a: _aval(a, 1), xs)
-
-
 def _when_linearized(run: Callable, choose: Callable, args: tuple) -> Any:
     """``run(StoreAll(), *args)``, or ``run(choose(*args), *args)`` where it is linearized.
 
@@ -662,10 +657,10 @@ _COSTS_CACHE: dict[tuple, StepCosts] = {}
 _TEMP_CACHE: dict[tuple, int] = {}
 
 
-def _aval(a: Any, drop: int = 0) -> jax.ShapeDtypeStruct:
-    """``a``'s shape (less ``drop`` leading axes), dtype and weak type, abstractly."""
+def _aval(a: Any) -> jax.ShapeDtypeStruct:
+    """``a``'s shape, dtype and weak type, abstractly."""
     t = jax.typeof(a)
-    return jax.ShapeDtypeStruct(t.shape[drop:], t.dtype, weak_type=t.weak_type)
+    return jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type)
 
 
 def _abstract(tree: Any) -> Any:
