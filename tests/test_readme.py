@@ -70,3 +70,22 @@ def test_usage_example_reproduces_the_table():
     for name in ROWS:
         want = table_mb(name) * 1e6
         assert abs(measured[name] - want) <= 0.03 * want, (name, measured[name], want)
+
+
+QUICKSTART = [
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[experiments,peers]"'
+    " && python experiments/memory_vs_length.py",
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]"'
+    " && python -m pytest -q -n auto --dist worksteal",
+]
+
+
+def test_readme_is_a_front_page():
+    """At most 6 KB: the pitch, the two Quickstart commands (the same on Getting
+    started), a short example, the headline figure and table, links."""
+    text = README.read_text()
+    assert len(text.encode()) <= 6000
+    started = (README.parent / "docs" / "getting_started.md").read_text()
+    for command in QUICKSTART:
+        assert f"```bash\n{command}\n```" in text
+        assert f"```bash\n{command}\n```" in started

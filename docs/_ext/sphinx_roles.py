@@ -43,19 +43,40 @@ def _has_docstring(collection: Any, path: str) -> bool:
         return False
 
 
+def _public(collection: Any, path: str) -> str:
+    """Where ``path`` is documented: the site renders public modules only, so a
+    name found in a private module (``bpttjax.cells._registry.rnn``) links to the
+    innermost public module that has it (``bpttjax.cells.rnn``)."""
+    parts = path.split(".")
+    if not any(p.startswith("_") for p in parts[:-1]):
+        return path
+    public = [p for p in parts[:-1] if not p.startswith("_")]
+    for i in range(len(public), 0, -1):
+        candidate = ".".join([*public[:i], parts[-1]])
+        if _exists(collection, candidate):
+            return candidate
+    return path
+
+
 def _resolve(obj: griffe.Object, name: str) -> str:
-    """The full path of ``name`` as seen from ``obj``'s scope (innermost first)."""
+    """The full path of ``name`` as seen from ``obj``'s scope (innermost first),
+    then in the package's public modules; always a path the site documents."""
     collection = obj.modules_collection
     if _exists(collection, name):
-        return name
+        return _public(collection, name)
     scope: Any = obj
     while scope is not None:
         candidate = f"{scope.path}.{name}"
         if _exists(collection, candidate):
-            return candidate
+            return _public(collection, candidate)
         scope = scope.parent
+    package = obj.package
+    for module in [package, *package.modules.values()]:
+        candidate = f"{module.path}.{name}"
+        if not module.name.startswith("_") and _exists(collection, candidate):
+            return candidate
     # Unresolved: link it anyway, so that autorefs reports it.
-    if name.split(".")[0] == obj.package.name:
+    if name.split(".")[0] == package.name:
         return name
     return f"{obj.module.path}.{name}"
 
