@@ -8,6 +8,8 @@ that ``import bpttjax`` does not import Flax). Modules whose names start with
 an underscore are private.
 """
 
+from importlib import metadata as _metadata
+
 from . import budget as budget
 from . import cells as cells
 from . import diagnostics as diagnostics
@@ -27,7 +29,10 @@ from .truncation import RandomTruncate as RandomTruncate
 from .truncation import Truncate as Truncate
 from .truncation import TruncationStrategy as TruncationStrategy
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only
+    __version__ = _metadata.version("bpttjax")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = ("nnx", "linen")
 
