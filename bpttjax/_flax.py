@@ -16,10 +16,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.linen.recurrent import flip_sequences
 
-from . import cells
-from ._scan import _REMAT_EXAMPLES, _TRUNCATION_EXAMPLES, _check_strategy, scan
+from ._checks import REMAT_EXAMPLES, TRUNCATION_EXAMPLES, check_strategy
+from ._scan import scan
+from .cells._registry import get as get_cell
+from .cells._run import run as run_cell
+from .cells._steps import Step
 from .remat import RematStrategy
 from .truncation import TruncationStrategy
 
@@ -30,9 +32,9 @@ UNSET: Any = object()
 def check_strategies(owner: str, remat: Any, truncation: Any) -> None:
     """:func:`bpttjax.scan`'s checks of ``remat`` and ``truncation``, naming ``owner``."""
     try:
-        _check_strategy("remat", remat, RematStrategy, _REMAT_EXAMPLES)
+        check_strategy("remat", remat, RematStrategy, REMAT_EXAMPLES)
         if truncation is not None:
-            _check_strategy("truncation", truncation, TruncationStrategy, _TRUNCATION_EXAMPLES)
+            check_strategy("truncation", truncation, TruncationStrategy, TRUNCATION_EXAMPLES)
     except TypeError as err:
         raise TypeError(str(err).replace("scan(", f"{owner}(", 1)) from None
 
@@ -111,6 +113,8 @@ def run(
     Flax's values; with ``seq_lengths`` the inputs are flipped as Flax flips
     them, padding kept at the end.
     """
+    from flax.linen.recurrent import flip_sequences  # here: `import bpttjax` needs no Flax
+
     # Flax's count: the axes before time, or those between time and the features.
     num_batch = inputs.ndim - 1 - n_features if time_major else axis
     flip = functools.partial(
@@ -209,18 +213,17 @@ def fast_scan(
     :func:`~bpttjax.cells.init_gru` (``"gru"``) or
     :func:`~bpttjax.cells.init_lstm` (``"lstm"``); the LSTM's carry is Flax's
     ``(c, h)`` here and the library's ``(h, c)`` inside. The loop is
-    ``bj.cells.run`` (with ``batch_chunks``) where the library has it,
-    ``bj.scan`` over the cell's step otherwise (the same semantics).
+    ``bj.cells.run`` (with ``batch_chunks``), or ``bj.scan`` over the cell's
+    step where the carries are stacked (the same semantics).
     """
     lstm = name == "lstm"
     if lstm:
         carry = (carry[1], carry[0])
     kw = dict(remat=remat, truncation=truncation, reverse=reverse, unroll=unroll)
-    run_cell = getattr(cells, "run", None)
-    if run_cell is not None and not stack_carries:
+    if not stack_carries:
         carry, ys = run_cell(name, params, carry, xs, batch_chunks=batch_chunks, **kw)
     else:
-        step = functools.partial(cells.get(name).step, params)
+        step = functools.partial(get_cell(name).step, params)
         carry, ys = scan_step(step, carry, xs, stack_carries=stack_carries, **kw)
         if stack_carries and lstm:
             (hs, cs), ys = ys
@@ -228,3 +231,88 @@ def fast_scan(
     if lstm:
         carry = (carry[1], carry[0])
     return carry, ys
+
+
+# --- Flax cells as pure steps (bj.cells.from_nnx, bj.cells.from_linen) ---------------
+
+
+def from_nnx(cell: Any) -> tuple[Step, Any]:
+    """A pure step and its parameters from a Flax NNX recurrent cell.
+
+    Args:
+      cell: an ``nnx.Module`` called as ``cell(carry, x) -> (carry, y)``, such
+        as ``nnx.SimpleCell``, ``nnx.GRUCell`` or ``nnx.LSTMCell``.
+
+    Returns:
+      ``(step, params)``: ``params`` is the ``nnx.State`` of the cell's
+      ``nnx.Param`` variables (a pytree, so ``jax.grad`` and optax work on
+      it) and ``step(params, carry, x) -> (carry, y)`` rebuilds the cell from
+      it with ``nnx.merge`` and calls it. The carry is Flax's convention:
+      ``(c, h)`` for ``LSTMCell`` (cell first, unlike :func:`lstm`), ``h``
+      for the others; build it with ``cell.initialize_carry(x.shape, rngs)``.
+      Cost: the cell's own; rebuilding is Python work at trace time only.
+
+    Raises:
+      TypeError: ``cell`` is not an ``nnx.Module`` instance.
+
+    Warning:
+      Variables other than ``nnx.Param`` (batch statistics, RNG counters) are
+      fixed at their values at the time of the call, and updates the cell
+      makes to them inside ``step`` are dropped.
+
+    Example:
+      >>> step, params = from_nnx(nnx.LSTMCell(8, 16, rngs=nnx.Rngs(0)))
+      >>> carry0 = (jnp.zeros((4, 16)), jnp.zeros((4, 16)))  # (c, h)
+      >>> loss = lambda p: bj.scan(functools.partial(step, p), carry0, xs)[1].sum()
+      >>> grads = jax.grad(loss)(params)
+    """
+    from flax import nnx
+
+    _check_module("from_nnx", cell, nnx.Module, "flax.nnx.Module")
+    graphdef, params, rest = nnx.split(cell, nnx.Param, ...)
+
+    def step(params, carry, x):
+        return nnx.merge(graphdef, params, rest)(carry, x)
+
+    return step, params
+
+
+def from_linen(module: Any) -> Step:
+    """A pure step from a Flax Linen recurrent cell.
+
+    Args:
+      module: an unbound ``flax.linen.Module`` called as
+        ``module(carry, x) -> (carry, y)``, such as ``nn.GRUCell(features=H)``.
+
+    Returns:
+      ``step(variables, carry, x) = module.apply(variables, carry, x)``, with
+      ``variables`` from ``module.init(key, carry, x)``. The carry is Flax's
+      convention: ``(c, h)`` for ``LSTMCell``, ``h`` for the others.
+
+    Raises:
+      TypeError: ``module`` is not a ``flax.linen.Module`` instance.
+
+    Example:
+      >>> cell = nn.GRUCell(features=16)
+      >>> variables = cell.init(jax.random.key(0), h0, xs[0])
+      >>> step = from_linen(cell)
+      >>> h_T, hs = bj.scan(functools.partial(step, variables), h0, xs)
+    """
+    import flax.linen as nn
+
+    _check_module("from_linen", module, nn.Module, "flax.linen.Module")
+
+    def step(variables, carry, x):
+        return module.apply(variables, carry, x)
+
+    return step
+
+
+def _check_module(fn: str, obj: Any, cls: type, cls_name: str) -> None:
+    if isinstance(obj, type) and issubclass(obj, cls):
+        raise TypeError(
+            f"{fn} expects a {cls_name} instance, got the class {obj.__name__}; "
+            "construct the cell first"
+        )
+    if not isinstance(obj, cls):
+        raise TypeError(f"{fn} expects a {cls_name} instance, got {type(obj).__name__}: {obj!r}")

@@ -11,15 +11,12 @@ whose primal is ``lax.scan``: a scan that is only run forward (or under
 the scan is linearized (``jax.grad``, ``jax.vjp``, ``jax.linearize``),
 :class:`Budget` measures what one step costs to keep (by compiling plain
 BPTT of the step at two short lengths, see
-:func:`bpttjax.memory.step_costs`), asks each candidate strategy for its
-predicted cost (:meth:`bpttjax.RematStrategy.cost`), and takes the fastest
-whose prediction, outputs included, fits:
-
-1. :class:`~bpttjax.StoreAll`, no recomputation;
-2. :class:`~bpttjax.EveryStep` with a saving policy (``policies``; what a
-   policy saves is measured the same way), the policy that saves most first;
-3. :class:`~bpttjax.EveryStep` without a policy;
-4. :class:`~bpttjax.Binomial` with the most snapshots that fit.
+:func:`bpttjax.memory.step_costs`), asks every registered strategy class for its candidates
+(:meth:`bpttjax.RematStrategy.candidates`), predicts each with its own
+:meth:`~bpttjax.RematStrategy.cost`, and takes the fastest whose prediction,
+outputs included, fits. ``StoreAll`` and ``EveryStep`` with each of the
+budget's ``policies`` are measured directly instead: their prediction is a
+line through two compilations of their own gradient.
 
 Then it compiles the chosen strategy's gradient at the full length and
 reads XLA's figure. Where that and the outputs exceed the budget (the model
@@ -33,35 +30,22 @@ whose step reverse mode cannot differentiate, runs as ``StoreAll``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import numbers
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
-from jax.extend import core as jex_core
 
-from . import memory
-from ._engine import _BATCH_TRACER, _is_diff, _linearized, _split_diff
-from ._scan import _check_length, _checked_step, _one_step, _promote_weak_init
-
-try:  # the tracers a custom_jvp rule sees (private; without them every JVP plans)
-    from jax._src.interpreters.ad import JVPTracer as _JVP_TRACER
-    from jax._src.interpreters.partial_eval import DynamicJaxprTracer as _JIT_TRACER
-    from jax._src.interpreters.partial_eval import JaxprTracer as _JAXPR_TRACER
-
-    _PURE_TRACERS: tuple = (_JIT_TRACER, _JVP_TRACER)
-except ImportError:  # pragma: no cover
-    _JAXPR_TRACER = None
-    _PURE_TRACERS = ()
+from . import _probe
+from ._checks import check_length, checked_step, parse_bytes
+from ._trace import linearized, when_linearized
+from ._tree import is_diff, promote_weak_init
 from .remat import (
+    STRATEGIES,
     Binomial,
     Cost,
     EveryStep,
+    Layer,
     Nested,
     RematStrategy,
     StepCosts,
@@ -71,62 +55,13 @@ from .remat import (
 
 __all__ = ["Budget", "BudgetTooSmallError", "Plan", "parse_bytes"]
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _SAFETY = 0.95
 """Plan a model's prediction (``EveryStep()``, ``Binomial``) to this fraction of the
 budget: such predictions are within a few percent of XLA's. A prediction that is a line
 through two compilations of the strategy itself (``StoreAll``, a policy) may use it all."""
-_SLACK = 256
-"""Bytes added to every measured figure for the loss's own small buffers (its
-scalars and reductions), which XLA places in 64-byte aligned slots that the
-probe's loss may not have; only programs of a few kilobytes feel them (see
-docs/strategies.md for what was measured)."""
-_PROBE_LENGTHS = (64, 128)
 _FUSED_NESTED_OVER = 1.5  # forward passes; see Budget._layer_strategy
 _CHECKS = 4
 """Choices compiled and measured before a budget the model keeps missing is refused."""
-
-
-def parse_bytes(value: int | str) -> int:
-    """Bytes from an int or a size such as ``"64MB"``, ``"1.5GiB"`` or ``"512 KiB"``.
-
-    ``KB``/``MB``/``GB``/``TB`` are powers of 1000, ``KiB``/``MiB``/``GiB``/``TiB``
-    powers of 1024 (case-insensitive).
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral | str):
-        raise TypeError(
-            "Budget(bytes=...) expects an int or a size string such as '64MB' or '1.5GiB', "
-            f"got {type(value).__name__}: {value!r}"
-        )
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        unit = match and match.group(2).lower()
-        if not match or unit not in _UNITS:
-            raise ValueError(
-                f"Budget(bytes={value!r}) is not a size: write e.g. 64MB, 1.5GiB or 500000 "
-                f"(units: {', '.join(u for u in _UNITS if u)})"
-            )
-        number = float(match.group(1)) * _UNITS[unit]
-        if not math.isfinite(number):
-            raise ValueError(
-                f"Budget(bytes={value!r}) is not a finite size: write e.g. 64MB or 1.5GiB"
-            )
-        value = int(number)
-    if value <= 0:
-        raise ValueError(f"Budget(bytes=...) expects a positive number of bytes, got {value}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +145,9 @@ class BudgetTooSmallError(ValueError):
         self.least_bytes = least_bytes
 
 
-def _too_small(budget: int, strategy: RematStrategy, least: int, how: str, outputs: int):
-    """The error for a budget under ``least`` bytes, what ``strategy`` takes in all."""
+def _too_small(budget: int, plan: Plan, least: int, how: str) -> BudgetTooSmallError:
+    """The error for a budget under ``least`` bytes, what ``plan``'s strategy takes in all."""
+    outputs = plan.output_bytes
     alone = (
         f" The scan's outputs (the final carry and ys) and their cotangent alone take "
         f"{outputs:,} bytes, more than the budget: a loss over all outputs keeps them while "
@@ -220,14 +156,15 @@ def _too_small(budget: int, strategy: RematStrategy, least: int, how: str, outpu
         if outputs >= budget
         else ""
     )
-    recompute = {
-        StoreAll: "no recomputation",
-        EveryStep: "about one extra forward pass",
-        Binomial: "about T**2/2 recomputed steps",
-    }.get(type(strategy), "")
+    passes = plan.recomputed_steps / max(plan.length, 1)
+    recompute = (
+        "no recomputation"
+        if plan.recomputed_steps == 0
+        else f"{plan.recomputed_steps:,} recomputed steps, {passes:.3g} forward passes"
+    )
     return BudgetTooSmallError(
         f"Budget(bytes={budget}) is too small for this scan: the least any strategy "
-        f"needs is {strategy}, at a {how} {least:,} bytes with the scan's outputs and "
+        f"needs is {plan.strategy}, at a {how} {least:,} bytes with the scan's outputs and "
         f"their cotangent; Budget({least}) would work ({_mb(least)}; {recompute}).{alone}",
         budget,
         least,
@@ -255,16 +192,23 @@ class Budget(RematStrategy):
     cotangent is a constant, the plan is conservative by up to that amount.
     Inputs (parameters, ``xs``) are not part of it.
 
-    Choice, when a gradient is taken (see :meth:`plan`): ``StoreAll`` if it
-    fits, else ``EveryStep`` with the policy saving most that fits, else
-    ``EveryStep()``, else ``Binomial`` with the most snapshots that fit. A
-    prediction from the step's costs (``EveryStep()``, ``Binomial``) aims at
-    95% of what is left for the schedule. The choice is then compiled at the
-    full length; where XLA's figure and the outputs exceed the budget (a cost
-    model can miss a constant on another backend), the excess is added to
-    every prediction and the choice made again. Under a mesh in context
-    this check is skipped: the unsharded program it would compile overstates
-    each device's share.
+    Choice, when a gradient is taken (see :meth:`plan`): every registered
+    strategy class offers its candidates
+    (:meth:`~bpttjax.RematStrategy.candidates`: ``StoreAll()``,
+    ``EveryStep()``, ``Binomial(s)`` for every ``s``, and whatever a
+    registered user strategy offers), each predicted by its own ``cost``;
+    ``StoreAll`` and ``EveryStep`` with each policy are predicted from their
+    own measured gradients instead. Of those that fit, the fastest runs:
+    time is counted in whole forward passes of recomputation
+    (``recomputed_steps / T``, rounded up), and among equal counts the
+    candidate offered first wins (the measured ones, the policy saving most
+    first, then the registry's classes in registration order). A prediction
+    from a cost model aims at 95% of what is left for the schedule. The
+    choice is then compiled at the full length; where XLA's figure and the
+    outputs exceed the budget (a cost model can miss a constant on another
+    backend), the excess is added to every prediction and the choice made
+    again. Under a mesh in context this check is skipped: the unsharded
+    program it would compile overstates each device's share.
 
     A scan that is only run forward, or under ``jax.jvp`` alone, runs as
     ``StoreAll`` and is never probed; so does one with nothing to
@@ -334,9 +278,9 @@ class Budget(RematStrategy):
         nothing to differentiate, or a step reverse mode cannot
         differentiate, the plan is ``StoreAll`` with no measured costs.
         """
-        T = _check_length(xs, length)
-        step = _checked_step(f)
-        return self._plan(step, _promote_weak_init(step, init, xs)[0], xs, T)
+        T = check_length(xs, length)
+        step = checked_step(f)
+        return self._plan(step, promote_weak_init(step, init, xs)[0], xs, T)
 
     def choose(
         self,
@@ -363,54 +307,34 @@ class Budget(RematStrategy):
         return self._choose(length, costs, lines, missed)
 
     def _choose(self, length: int, costs: StepCosts, lines: list, missed: int) -> Plan:
-        """:meth:`choose` with the line candidates' plans made (:func:`_lines`)."""
-        outputs = lines[0].output_bytes
-        for plan in lines:
-            if plan.predicted_bytes + missed <= self.bytes:
-                return dataclasses.replace(plan, budget_bytes=self.bytes)
-        usable = _SAFETY * (self.bytes - outputs) - missed
-        every = EveryStep().cost(length, costs)
-        if every.temp_bytes <= usable:
-            return self._made(EveryStep(), every, length, costs, outputs)
-        least = Binomial(1).cost(length, costs).temp_bytes
-        per_snapshot = max(Binomial(2).cost(length, costs).temp_bytes - least, 1)
-        s = 1 + int((usable - least) // per_snapshot) if usable >= least else 0
-        s = min(s, max(length - 1, 1))
-        if s < 1 or usable < 0:
-            needs = [(p.predicted_bytes + missed, p.strategy) for p in lines]
-            for strategy, temp in ((EveryStep(), every.temp_bytes), (Binomial(1), least)):
-                needs.append((math.ceil((temp + missed) / _SAFETY) + outputs, strategy))
-            need, strategy = min(needs, key=lambda ns: ns[0])
-            raise _too_small(self.bytes, strategy, need, "predicted", outputs)
-        strategy = Binomial(s)
-        return self._made(strategy, strategy.cost(length, costs), length, costs, outputs)
-
-    def _made(
-        self, strategy: RematStrategy, cost: Cost, length: int, costs: StepCosts, outputs: int
-    ) -> Plan:
-        return Plan(
-            strategy,
-            cost.temp_bytes,
-            cost.recomputed_steps,
-            self.bytes,
-            length,
-            costs,
-            output_bytes=outputs,
-        )
+        """:meth:`choose` with the measured candidates' plans made (:func:`_lines`)."""
+        offered = _offered(length, costs, lines)
+        fits = lambda group, plan: group.need(plan, missed) <= self.bytes
+        picks = []
+        for position, group in enumerate(offered):
+            plan = group.first(lambda plan, group=group: fits(group, plan))
+            if plan is not None:
+                picks.append((_passes(plan), position, plan))
+        if not picks:
+            least = [(g.need(g[-1], missed), g[-1]) for g in offered if len(g)]
+            need, plan = min(least, key=lambda np_: np_[0])
+            raise _too_small(self.bytes, plan, need, "predicted")
+        plan = min(picks, key=lambda p: p[:2])[2]
+        return dataclasses.replace(plan, budget_bytes=self.bytes)
 
     def _plan(self, f: Callable, init: Any, xs: Any, length: int) -> Plan:
         """The plan for a gradient of ``bj.scan(f, ...)``, checked by compiling it."""
-        outputs = _output_bytes(f, init, xs, length)
+        outputs = _probe.output_bytes(f, init, xs, length)
         try:
             costs, lines = self._step_costs(f, init, xs)
         except _NotDifferentiable:
-            return self._made(StoreAll(), Cost(0, 0), length, StepCosts(0, 0), outputs)
+            return Plan(StoreAll(), 0, 0, self.bytes, length, StepCosts(0, 0), output_bytes=outputs)
         plans = _lines(length, costs, lines, outputs, holds_outputs=True)
 
         def measure(strategy):
             if any(strategy == p.strategy for p in plans):
-                return _scan_temp(f, init, xs, length, strategy, all_outputs=True)
-            return _scan_temp(f, init, xs, length, strategy) + outputs
+                return _probe.scan_temp(f, init, xs, length, strategy, all_outputs=True)
+            return _probe.scan_temp(f, init, xs, length, strategy) + outputs
 
         return self._checked(length, costs, plans, measure)
 
@@ -421,15 +345,15 @@ class Budget(RematStrategy):
         Raises ``_NotDifferentiable`` where plain BPTT of the step does not
         compile: nothing is differentiable, or reverse mode fails on the step.
         """
-        _, consts_a, init_a, x_a = _closed_step(f, init, xs)
-        if not any(map(_is_diff, jax.tree.leaves((consts_a, init_a, x_a)))):
+        _, consts_a, init_a, x_a = _probe.closed_step(f, init, xs)
+        if not any(map(is_diff, jax.tree.leaves((consts_a, init_a, x_a)))):
             raise _NotDifferentiable
         try:
-            costs = _measured_costs(f, init, xs, None)
+            costs = _probe.measured_costs(f, init, xs, None)
         except (TypeError, ValueError) as err:  # JAX's reverse-mode errors
             raise _NotDifferentiable from err
         lines = [StoreAll(), *(EveryStep(p) for p in self.policies)]
-        return costs, [(s, _measured_costs(f, init, xs, s, all_outputs=True)) for s in lines]
+        return costs, [(s, _probe.measured_costs(f, init, xs, s, all_outputs=True)) for s in lines]
 
     def _checked(
         self,
@@ -446,7 +370,7 @@ class Budget(RematStrategy):
         compiled and the fastest that fits is taken; otherwise the error names
         the least budget XLA measured. Under a mesh, the model's choice.
         """
-        if not _checking():
+        if not _probe.checking():
             return self._choose(length, costs, lines, 0)
         missed = 0
         for _ in range(_CHECKS):
@@ -461,19 +385,25 @@ class Budget(RematStrategy):
         return self._smallest(length, costs, lines, measure)
 
     def _smallest(self, length: int, costs: StepCosts, lines: list, measure: Callable) -> Plan:
-        """The fastest of the least-memory strategies that XLA says fits, or the error
-        naming the least budget that works."""
-        outputs = lines[0].output_bytes
-        measured = [(s, measure(s)) for s in (StoreAll(), EveryStep(), Binomial(1))]
-        for strategy, total in measured:  # fastest first
+        """The fastest of the least-memory candidates that XLA says fits, or the error
+        naming the least budget that works.
+
+        The least-memory candidates: ``StoreAll``'s measured plan and the last
+        candidate of each registered class (``EveryStep()``, ``Binomial(1)``).
+        """
+        offered = _offered(length, costs, lines)
+        least = [(0, 0, lines[0])]
+        least += [
+            (_passes(g[-1]), i, g[-1]) for i, g in enumerate(offered) if g.registered and len(g)
+        ]
+        measured = [
+            (plan, measure(plan.strategy)) for *_, plan in sorted(least, key=lambda p: p[:2])
+        ]
+        for plan, total in measured:  # fastest first
             if total <= self.bytes:
-                plan = self._made(strategy, strategy.cost(length, costs), length, costs, outputs)
-                for line in lines:
-                    if line.strategy == strategy:
-                        plan = dataclasses.replace(line, budget_bytes=self.bytes)
-                return dataclasses.replace(plan, measured_bytes=total)
-        strategy, total = min(measured, key=lambda st: st[1])
-        raise _too_small(self.bytes, strategy, total, "measured", outputs)
+                return dataclasses.replace(plan, budget_bytes=self.bytes, measured_bytes=total)
+        plan, total = min(measured, key=lambda pt: pt[1])
+        raise _too_small(self.bytes, plan, total, "measured")
 
     def cost(self, length, costs):
         plan = self.choose(length, costs)
@@ -489,7 +419,7 @@ class Budget(RematStrategy):
 
         # jax.linearize (not a VJP) evaluates the linear map forward, which
         # Binomial, a custom_vjp, cannot; say so where it is chosen.
-        forward = any(_linearized(x) for x in jax.tree.leaves((consts, init, xs)))
+        forward = any(linearized(x) for x in jax.tree.leaves((consts, init, xs)))
 
         def choose(consts, init, xs):
             plan = self._plan(lambda c, x: closed(c, x, *consts), init, xs, length)
@@ -502,48 +432,114 @@ class Budget(RematStrategy):
                 )
             return plan.strategy
 
-        return _when_linearized(run, choose, (list(consts), init, xs))
+        return when_linearized(run, StoreAll(), choose, (list(consts), init, xs))
 
-    def scan_layer(self, layer, init):
+    def scan_layer(self, layer: Layer, init):
         def rebuild(arrays):
             params, xs, truncation = arrays
-            return dataclasses.replace(layer, params=params, xs=xs, truncation=truncation)
+            return layer.replace(params=params, xs=xs, truncation=truncation)
 
         run = lambda strategy, arrays, init: strategy.scan_layer(rebuild(arrays), init)
         choose = lambda arrays, init: self._layer_strategy(rebuild(arrays), init)
-        return _when_linearized(run, choose, ((layer.params, layer.xs, layer.truncation), init))
+        return when_linearized(
+            run, StoreAll(), choose, ((layer.params, layer.xs, layer.truncation), init)
+        )
 
-    def _layer_strategy(self, layer, init) -> RematStrategy:
+    def _layer_strategy(self, layer: Layer, init: Any) -> RematStrategy:
         """What runs a :func:`bpttjax.cells.run` layer under this budget.
 
         Planned as ``bj.scan`` of the step, with ``StoreAll`` as the layer
         runs it, one fused block, predicted from that block's measured
-        costs; and, where the plan is a ``Binomial`` that recomputes more
-        than ``_FUSED_NESTED_OVER`` forward passes, ``Nested(2)`` with fused
+        costs; and, where the plan recomputes more than
+        ``_FUSED_NESTED_OVER`` forward passes (a ``Binomial``), ``Nested(2)`` with fused
         blocks if its memory, measured by compiling it, fits. The choice is
         checked against the layer as it runs (a loss over all its outputs),
         and the chosen strategy runs the layer its own way.
         """
-        outputs = _output_bytes(layer.step, init, layer.xs, layer.length)
+        outputs = _probe.output_bytes(layer.step, init, layer.xs, layer.length)
         try:
             costs, lines = self._step_costs(layer.step, init, layer.xs)
         except _NotDifferentiable:
             return StoreAll()
-        lines = [(StoreAll(), _layer_costs(layer, init)), *lines[1:]]
+        lines = [(StoreAll(), _probe.layer_costs(layer, init)), *lines[1:]]
         plans = _lines(layer.length, costs, lines, outputs, holds_outputs=True)
-        measure = lambda strategy: _layer_temp(layer, init, strategy)
+        measure = lambda strategy: _probe.layer_temp(layer, init, strategy)
         try:
             model = self._choose(layer.length, costs, plans, 0)
         except BudgetTooSmallError:
             model = None
-        if model is None or (
-            isinstance(model.strategy, Binomial)
-            and model.recomputed_steps > _FUSED_NESTED_OVER * layer.length
-        ):
+        if model is None or model.recomputed_steps > _FUSED_NESTED_OVER * layer.length:
             nested = _fused_nested(layer, init)
             if measure(nested) <= self.bytes:
                 return nested
         return self._checked(layer.length, costs, plans, measure).strategy
+
+
+class _Group(Sequence):
+    """One source's candidates as plans, from the most memory to the least.
+
+    ``plans[i]`` is made only when indexed, so a class may offer a long lazy
+    sequence (``Binomial``'s one per snapshot count) that :meth:`first`
+    bisects. ``measured`` plans are lines through two compilations of the
+    strategy itself, whose prediction may use the whole budget; the others
+    come from a cost model and aim at ``_SAFETY`` of what the outputs leave.
+    """
+
+    def __init__(self, items: Sequence, make: Callable[[Any], Plan], measured: bool, registered):
+        self._items, self._make = items, make
+        self.measured, self.registered = measured, registered
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._make(self._items[i])
+
+    def need(self, plan: Plan, missed: int) -> int:
+        """The least budget ``plan`` fits, with ``missed`` bytes added to its prediction."""
+        if self.measured:
+            return plan.predicted_bytes + missed
+        return math.ceil((plan.temp_bytes + missed) / _SAFETY) + plan.output_bytes
+
+    def first(self, fits: Callable[[Plan], bool]) -> Plan | None:
+        """The first plan that ``fits``: the one with the most memory, so the fastest."""
+        lo, hi = 0, len(self)
+        while lo < hi:  # the plans' needs do not increase along the group
+            mid = (lo + hi) // 2
+            if fits(self[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return self[lo] if lo < len(self) else None
+
+
+def _offered(length: int, costs: StepCosts, lines: list[Plan]) -> list[_Group]:
+    """Every candidate, grouped by where it comes from, in the order offered: the
+    measured ``lines`` (:func:`_lines`), then each registered class's
+    :meth:`~bpttjax.RematStrategy.candidates` (without those measured)."""
+    groups = [_Group((p,), lambda p: p, measured=True, registered=None) for p in lines]
+    measured = [p.strategy for p in lines]
+    outputs = lines[0].output_bytes
+
+    def model(strategy: RematStrategy) -> Plan:
+        cost = strategy.cost(length, costs)
+        return Plan(
+            strategy, cost.temp_bytes, cost.recomputed_steps, 0, length, costs, output_bytes=outputs
+        )
+
+    for cls in STRATEGIES.values():
+        offered = cls.candidates(length, costs)
+        if not isinstance(offered, Sequence):
+            offered = tuple(offered)
+        if isinstance(offered, tuple | list):
+            offered = [s for s in offered if s not in measured]
+        groups.append(_Group(offered, model, measured=False, registered=cls))
+    return groups
+
+
+def _passes(plan: Plan) -> int:
+    """The plan's recomputation in whole forward passes, rounded up: Budget's time."""
+    return -(-plan.recomputed_steps // max(plan.length, 1))
 
 
 class _NotDifferentiable(Exception):
@@ -584,302 +580,6 @@ def _lines(
     return plans
 
 
-def _output_bytes(f: Callable, init: Any, xs: Any, length: int) -> int:
-    """The scan's outputs (final carry, ``ys``) and the cotangent of their inexact
-    leaves: what a loss over the outputs holds on top of the schedule."""
-    carry, y = jax.eval_shape(f, init, _one_step(xs))
-    diff = lambda tree: [a for a in jax.tree.leaves(tree) if _is_diff(a)]
-    outputs = memory.tree_bytes(carry) + length * memory.tree_bytes(y)
-    cotangents = memory.tree_bytes(diff(carry)) + length * memory.tree_bytes(diff(y))
-    return outputs + cotangents
-
-
-def _when_linearized(run: Callable, choose: Callable, args: tuple) -> Any:
-    """``run(StoreAll(), *args)``, or ``run(choose(*args), *args)`` where it is linearized.
-
-    A ``jax.custom_jvp`` whose primal is ``StoreAll``'s. JAX calls its rule
-    only when a tangent flows in; the rule then runs the JVP of the chosen
-    strategy, which ``jax.grad`` partially evaluates and transposes exactly
-    as if the strategy had been called directly, so the residuals are the
-    strategy's. Under ``jax.jvp`` alone nothing is stored for a backward
-    pass, so the rule keeps ``StoreAll`` and never plans.
-    """
-    if not any(map(_is_diff, jax.tree.leaves(args))):
-        return run(StoreAll(), *args)
-
-    @jax.custom_jvp
-    def call(*args):
-        return run(StoreAll(), *args)
-
-    @functools.partial(call.defjvp, symbolic_zeros=True)
-    def call_jvp(primals, tangents):
-        flat, tree = jax.tree.flatten(primals)
-        flat_t = jax.tree.leaves(tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))
-        live = [not isinstance(t, SymbolicZero) for t in flat_t]
-        tangent_in = [t for t, keep in zip(flat_t, live, strict=True) if keep]
-        strategy = choose(*primals) if _linearizing(tangent_in) else StoreAll()
-
-        def on_live(*values):
-            values = iter(values)
-            full = [next(values) if keep else x for x, keep in zip(flat, live, strict=True)]
-            return run(strategy, *tree.unflatten(full))
-
-        primal_in = [x for x, keep in zip(flat, live, strict=True) if keep]
-        return jax.jvp(on_live, primal_in, tangent_in)
-
-    return call(*args)
-
-
-def _linearizing(tangents: list) -> bool:
-    """Whether the tangents come from a linearization (``jax.grad``, ``jax.vjp``,
-    ``jax.linearize``), whose backward pass needs residuals, rather than from
-    forward-mode ``jax.jvp``, which needs none.
-
-    JAX hands a ``custom_jvp`` rule partial-evaluation tracers under a
-    linearization, possibly inside ``vmap``'s tracers; under ``jax.jvp`` the
-    tangents are values or ``jit``'s tracers. Anything else is taken as a
-    linearization, so that the budget is never skipped where it may matter.
-    """
-    if _JAXPR_TRACER is None:
-        return True
-    for t in tangents:
-        while isinstance(t, _BATCH_TRACER):
-            t = t.val
-        if not isinstance(t, jax.core.Tracer) or isinstance(t, _PURE_TRACERS):
-            continue
-        return True
-    return False
-
-
-# --- measuring a step -------------------------------------------------------------------
-
-_COSTS_CACHE: dict[tuple, StepCosts] = {}
-_TEMP_CACHE: dict[tuple, int] = {}
-
-
-def _aval(a: Any) -> jax.ShapeDtypeStruct:
-    """``a``'s shape, dtype and weak type, abstractly."""
-    t = jax.typeof(a)
-    return jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type)
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(_aval, tree)
-
-
-def _per_step_loss(closed: Callable) -> Callable:
-    """``closed`` with its ``y`` replaced by the sum of its inexact leaves (a float32 scalar).
-
-    The probes differentiate this per-step loss, so that what they measure is
-    the schedule, the step's residuals for ``y`` included, and not a ``T``-long
-    ``ys`` buffer, which :func:`_output_bytes` counts (with its cotangent)
-    for every strategy alike.
-    """
-
-    def step(c, x, *consts):
-        c, y = closed(c, x, *consts)
-        terms = [jnp.sum(jnp.real(v)).astype(jnp.float32) for v in _split_diff(y)[0]]
-        return c, sum(terms, jnp.zeros((), jnp.float32))
-
-    return step
-
-
-def _measured_costs(
-    f: Callable, init: Any, xs: Any, remat: RematStrategy | None, all_outputs: bool = False
-) -> StepCosts:
-    """:class:`StepCosts` of ``f`` under ``remat`` (plain BPTT when None), by compiling.
-
-    The gradient compiled is that of a per-step loss (:func:`_per_step_loss`)
-    and the final carry's sum, or with ``all_outputs`` of a loss over all
-    outputs (:func:`_probe_grad`), with respect to the step's float
-    parameters and ``init``; the result is cached by the step's program, the
-    shapes, ``remat`` and the loss.
-    """
-    closed, consts_a, init_a, x_a = _closed_step(f, init, xs)
-    key = (str(closed.jaxpr), repr((init_a, x_a, consts_a)), remat, all_outputs)
-    remat = remat or StoreAll()
-    step = closed if all_outputs else _per_step_loss(closed)
-
-    def build(T):
-        xs_a = jax.tree.map(lambda a: jax.ShapeDtypeStruct((T, *a.shape), a.dtype), x_a)
-        run = lambda consts, init, xs: remat.scan(
-            lambda c, x: step(c, x, *consts), init, xs, T, False, 1
-        )
-        return _probe_grad(run, all_outputs), (consts_a, init_a, xs_a)
-
-    return _probe_costs(key, build, init_a)
-
-
-def _probe_grad(run: Callable, all_outputs: bool = False) -> Callable:
-    """``grad(a, init, xs)``: the gradient, for the float leaves of ``a`` and
-    ``init``, of a loss over the float outputs of ``run(a, init, xs)``.
-
-    The loss sums them, or with ``all_outputs`` takes the mean of their
-    squares (as ``jnp.mean(hs**2)``), whose gradient keeps the outputs and
-    makes their cotangent: what a loss over all outputs holds.
-    """
-
-    def term(o):
-        o = jnp.real(o)
-        return (jnp.mean(o * o) if all_outputs else jnp.sum(o)).astype(jnp.float32)
-
-    def loss(diff, a, init, xs):
-        _, other, merge = _split_diff((a, init))
-        a, init = merge(diff, other)
-        outs = _split_diff(run(a, init, xs))[0]
-        return sum((term(o) for o in outs), jnp.zeros((), jnp.float32))
-
-    return lambda a, init, xs: jax.grad(loss)(_split_diff((a, init))[0], a, init, xs)
-
-
-def _probe_costs(key: tuple, build: Callable, init_a: Any) -> StepCosts:
-    """:func:`bpttjax.memory.step_costs` of ``build`` at the probe lengths, cached by ``key``."""
-
-    def measure():
-        C = memory.tree_bytes(init_a)
-        costs = memory.step_costs(build, C, _PROBE_LENGTHS)
-        # The probe takes init as an argument; a loss usually creates it (as a
-        # zero state), which holds one more carry in working memory.
-        return dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes + C + _SLACK)
-
-    return _cached(_COSTS_CACHE, key, measure)
-
-
-def _cached(cache: dict, key: tuple, compute: Callable[[], Any]) -> Any:
-    """``cache[key]``, computed on a miss; the cache is emptied past 256 entries."""
-    if key not in cache:
-        if len(cache) > 256:
-            cache.clear()
-        cache[key] = compute()
-    return cache[key]
-
-
-def _layer_key(kind: str, layer: Any, *shapes: Any) -> tuple:
-    """A cache key for a probe of ``layer``: its functions, ``shapes`` and options."""
-    options = (layer.reverse, layer.unroll, layer.hoist, layer.chunks)
-    return (kind, layer.split, layer.step_fn, repr((*shapes, options)))
-
-
-def _checking() -> bool:
-    """Whether a choice is checked by compiling it: not under a mesh in context, where
-    the unsharded program compiled overstates each device's share."""
-    return jax.sharding.get_abstract_mesh().empty
-
-
-def _outside_any_mesh():
-    """A context compiling a probe as one unsharded program, whatever mesh is in context.
-
-    Under ``jax.set_mesh`` with an explicit mesh, the unsharded probe of a
-    fused ``Nested(2)`` measured 1.2 MB instead of 0.19 MB.
-    """
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
-
-
-def _layer_costs(layer: Any, init: Any) -> StepCosts:
-    """:class:`StepCosts` of a whole-sequence layer run as one fused block, by compiling.
-
-    As :func:`_measured_costs` for plain BPTT, with the block that
-    ``StoreAll`` runs for :func:`bpttjax.cells.run` in place of the scan.
-    """
-    params_a, init_a = _abstract(layer.params), _abstract(init)
-    x_a = jax.ShapeDtypeStruct(layer.xs.shape[1:], layer.xs.dtype)
-    key = _layer_key("layer", layer, params_a, init_a, x_a)
-
-    def build(T):
-        def run(params, init, xs):
-            probe = dataclasses.replace(layer, params=params, xs=xs, length=T, truncation=None)
-            return probe.block(init, 0, T)
-
-        xs_a = jax.ShapeDtypeStruct((T, *x_a.shape), x_a.dtype)
-        return _probe_grad(run, all_outputs=True), (params_a, init_a, xs_a)
-
-    return _probe_costs(key, build, init_a)
-
-
-def _fused_nested(layer: Any, init: Any) -> Nested:
+def _fused_nested(layer: Layer, init: Any) -> Nested:
     """``Nested(2)`` with the level lengths it picks for this layer, made explicit."""
     return Nested(lengths=Nested(2).layer_lengths(layer, init))
-
-
-def _layer_temp(layer: Any, init: Any, strategy: RematStrategy) -> int:
-    """XLA's temp bytes for the gradient of a layer run by ``strategy``, compiled at its length.
-
-    Measured like :func:`_layer_costs`'s probes (unsharded, so on several
-    devices it is more than each device's share; cached likewise), plus the
-    carry a loss usually creates.
-    """
-    params_a, init_a, xs_a = _abstract(layer.params), _abstract(init), _abstract(layer.xs)
-
-    def run(params, init, xs):
-        probe = dataclasses.replace(layer, params=params, xs=xs, truncation=None)
-        return strategy.scan_layer(probe, init)
-
-    key = (*_layer_key("layer temp", layer, params_a, init_a, xs_a), strategy)
-    return _full_temp(key, run, params_a, init_a, xs_a, all_outputs=True)
-
-
-def _scan_temp(
-    f: Callable,
-    init: Any,
-    xs: Any,
-    length: int,
-    strategy: RematStrategy,
-    all_outputs: bool = False,
-) -> int:
-    """XLA's temp bytes for the gradient of ``bj.scan(f, init, xs, length)`` under ``strategy``.
-
-    Measured like :func:`_measured_costs`'s probes (the same loss, the same
-    carry added for a loss that creates it) at the full length; cached.
-    """
-    closed, consts_a, init_a, _ = _closed_step(f, init, xs)
-    xs_a = None if xs is None else _abstract(xs)
-    step = closed if all_outputs else _per_step_loss(closed)
-    run = lambda consts, init, xs: strategy.scan(
-        lambda c, x: step(c, x, *consts), init, xs, length, False, 1
-    )
-    shapes = repr((init_a, xs_a, consts_a, length, all_outputs))
-    key = ("scan temp", str(closed.jaxpr), shapes, strategy)
-    return _full_temp(key, run, consts_a, init_a, xs_a, all_outputs)
-
-
-def _full_temp(
-    key: tuple, run: Callable, a: Any, init_a: Any, xs_a: Any, all_outputs: bool = False
-) -> int:
-    """XLA's temp bytes for :func:`_probe_grad` of ``run(a, init, xs)``, compiled as one
-    unsharded program, plus the carry a loss usually creates; cached by ``key``."""
-
-    def measure():
-        with _outside_any_mesh():
-            grad = _probe_grad(run, all_outputs)
-            temp = memory.measure(grad, a, init_a, xs_a).temp_bytes
-        return temp + memory.tree_bytes(init_a) + _SLACK
-
-    return _cached(_TEMP_CACHE, key, measure)
-
-
-def _closed_step(f: Callable, init: Any, xs: Any) -> tuple[Callable, Any, Any, Any]:
-    """``f`` with its constants hoisted (:func:`_hoist_constants`), and the abstract
-    constants, ``init`` and one step's ``x``."""
-    init_a = _abstract(init)
-    x_a = _one_step(xs)
-    closed, consts = _hoist_constants(f, init_a, x_a)
-    return closed, _abstract(consts), init_a, x_a
-
-
-def _hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:
-    """``f`` as a function of ``(carry, x, *consts)`` with *every* constant it closes over.
-
-    Unlike ``jax.closure_convert``, which hoists only traced values, concrete
-    parameters are hoisted too, so that a plan made outside ``jax.grad``
-    counts their gradients, as the traced scan will.
-    """
-    closed_jaxpr, out_shape = jax.make_jaxpr(f, return_shape=True)(init, x)
-    jaxpr, consts = closed_jaxpr.jaxpr, list(closed_jaxpr.consts)
-    out_tree = jax.tree.structure(out_shape)
-
-    def closed(c, x, *consts):
-        out = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))(*jax.tree.leaves((c, x)))
-        return jax.tree.unflatten(out_tree, out)
-
-    closed.jaxpr = closed_jaxpr.jaxpr
-    return closed, consts

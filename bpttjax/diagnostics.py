@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._scan import _STORE_ALL, _check_length, _checked_step
+from ._checks import check_length, checked_step
 from ._scan import scan as _bj_scan
-from .remat import RematStrategy
+from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
 
 Carry = TypeVar("Carry")
@@ -58,7 +58,7 @@ def carry_grads(
     *,
     length: int | None = None,
     reverse: bool = False,
-    remat: RematStrategy = _STORE_ALL,
+    remat: RematStrategy = StoreAll(),  # noqa: B008 - frozen, so one shared default is safe
     truncation: TruncationStrategy | None = None,
 ) -> tuple[jax.Array, Carry]:
     """``∂L/∂h_t`` for every step ``t``, in one backward pass.
@@ -132,12 +132,12 @@ def carry_grads(
             "carry_grads(loss=...) expects a callable loss(final_carry, ys) -> scalar, got "
             f"{type(loss).__name__}"
         )
-    T = _check_length(xs, length)
+    T = check_length(xs, length)
     leaves, treedef = jax.tree.flatten(init)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     inexact = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
     deltas = [jnp.zeros((T, *leaves[i].shape), leaves[i].dtype) for i in inexact]
-    step = _checked_step(f)
+    step = checked_step(f)
 
     def perturbed_step(carry, inp):
         x, ds = inp
@@ -186,7 +186,7 @@ def carry_grad_norms(
     *,
     length: int | None = None,
     reverse: bool = False,
-    remat: RematStrategy = _STORE_ALL,
+    remat: RematStrategy = StoreAll(),  # noqa: B008 - frozen, so one shared default is safe
     truncation: TruncationStrategy | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-step gradient norms ``‖∂L/∂h_t‖``, the vanishing/exploding picture.
@@ -218,7 +218,7 @@ def carry_grad_norms(
         remat=remat,
         truncation=truncation,
     )
-    T = _check_length(xs, length)
+    T = check_length(xs, length)
     leaves = [g for g in jax.tree.leaves(grads) if g.dtype != jax.dtypes.float0]
     if not leaves:
         return value, jnp.zeros((T,), jnp.result_type(float))
@@ -330,7 +330,7 @@ def jacobian_product(
     init = _check_vector_carry(fn, "init", init)
     start = _check_index(fn, "start", start)
     stop = _check_index(fn, "stop", stop)
-    T = _check_length(xs, length)
+    T = check_length(xs, length)
     if not 0 <= start <= stop <= T:
         raise ValueError(
             f"{fn} needs 0 <= start <= stop <= T, got start={start}, stop={stop}, T={T}"

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from . import _flax, cells
+from . import _flax
+from .cells._run import check_chunks
 from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
 
@@ -115,7 +116,7 @@ class RNN(nn.Module):
     def __post_init__(self):
         _check_cell(self.cell)
         _flax.check_strategies("RNN", self.remat, self.truncation)
-        cells._check_chunks("RNN", self.batch_chunks)
+        check_chunks("RNN", self.batch_chunks)
         defaults = (
             ("variable_axes", FrozenDict(), lambda v: not v),
             ("variable_broadcast", "params", lambda v: v == "params"),

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
 
-from . import _flax, cells
+from . import _flax
+from .cells._run import check_chunks
 from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
 
@@ -136,7 +137,7 @@ class RNN(nnx.Module):
         self.reverse = reverse
         self.keep_order = keep_order
         self.unroll = unroll
-        self.batch_chunks = cells._check_chunks("RNN", batch_chunks)
+        self.batch_chunks = check_chunks("RNN", batch_chunks)
         self.rngs: nnx.RngStream | None
         if rngs is True:
             self.rngs = nnx.RngStream(0, tag="carry")

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _pytree
+from . import _tree
 
 __all__ = ["TruncationStrategy", "Truncate", "RandomTruncate"]
 
@@ -64,10 +64,10 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 class TruncationStrategy(abc.ABC):
     """Abstract base class of the truncation strategies (not public API to subclass).
 
-    ``_scale(n, t)`` returns the factor applied to the cotangent of the
+    ``scale(n, t)`` returns the factor applied to the cotangent of the
     carry entering processing step ``n`` (``t`` is the index of that step in
     ``xs``; ``t == n`` unless ``reverse=True``). It is called inside the
-    traced scan body with ``n`` an int32 counter; ``_check(length)`` is called
+    traced scan body with ``n`` an int32 counter; ``check(length)`` is called
     once at the public boundary.
     """
 
@@ -75,9 +75,9 @@ class TruncationStrategy(abc.ABC):
         super().__init_subclass__(**kwargs)
         # a pytree: RandomTruncate's key is a leaf, so a jitted function that
         # takes the strategy as an argument does not retrace for a new key
-        _pytree.register(cls)
+        _tree.register(cls)
 
-    def _check(self, length: int) -> None:
+    def check(self, length: int) -> None:
         if length > _INT32_MAX:
             raise ValueError(
                 f"truncation counts steps in int32 and supports up to 2**31 - 1 steps, "
@@ -85,7 +85,7 @@ class TruncationStrategy(abc.ABC):
             )
 
     @abc.abstractmethod
-    def _scale(self, n: jax.Array, t: jax.Array) -> jax.Array:
+    def scale(self, n: jax.Array, t: jax.Array) -> jax.Array:
         """The factor for the cotangent of the carry entering processing step ``n``."""
 
 
@@ -129,7 +129,7 @@ class Truncate(TruncationStrategy):
         if self.every <= 0:
             raise ValueError(f"Truncate(every=...) expects every >= 1, got every={self.every}")
 
-    def _scale(self, n, t):
+    def scale(self, n, t):
         del t
         # n < T <= 2**31 - 1 (checked), so no multiple of a larger `every` is
         # ever reached: clipping it changes no cut, and keeps it an int32 (a
@@ -254,15 +254,15 @@ class RandomTruncate(TruncationStrategy):
         value = self._value()
         return id(self) if value is None else hash(value)
 
-    def _check(self, length):
-        super()._check(length)
+    def check(self, length):
+        super().check(length)
         if np.ndim(self.keep_prob) == 1 and np.shape(self.keep_prob)[0] != length:
             raise ValueError(
                 "RandomTruncate(keep_prob=...) array must have one entry per step, shape "
                 f"({length},), got shape {np.shape(self.keep_prob)}"
             )
 
-    def _scale(self, n, t):
+    def scale(self, n, t):
         p = jnp.asarray(self.keep_prob)
         if p.ndim == 1:
             p = p[t]

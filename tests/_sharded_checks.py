@@ -28,39 +28,45 @@ every program compiled once:
 * ``bj.cells.run`` under ``StoreAll`` and ``Nested``: the same comparisons.
 * ``bj.memory.measure`` reports per-device bytes and the number of devices;
   ``Budget(bytes)`` holds per device; under ``bj.cells.run`` on a mesh it runs
-  the fused ``Nested(2)`` where a long ``Binomial`` would otherwise run;
-  ``experiments/memory_vs_length.py --devices N``.
+  the fused ``Nested(2)`` where a long ``Binomial`` would otherwise run.
+
+The scripts' ``--devices`` are checked by ``tests/experiments/_sharded_script_checks.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import io
 import os
 import sys
-import tempfile
 import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # helpers; experiments
+sys.path.insert(0, HERE)  # helpers
 
-from experiments import common  # noqa: E402 - before JAX starts: the device count
 
 DEVICES = 8
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # simulated devices, even beside a GPU
-common.request_cpu_devices(DEVICES)
+if DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_FLAG}={DEVICES}"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from helpers import STRATEGIES, assert_trees_close  # noqa: E402
+from helpers import (  # noqa: E402
+    STRATEGIES,
+    abstract_inputs,
+    assert_trees_close,
+    init_model,
+    make_step,
+    model_loss,
+)
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bpttjax as bj  # noqa: E402
+from bpttjax import _probe  # noqa: E402
 
 # as tests/conftest.py
 jax.config.update("jax_enable_x64", True)
@@ -390,11 +396,11 @@ residuals dominate XLA's small fixed buffers."""
 
 
 def _model(remat):
-    return jax.grad(functools.partial(common.loss, cell="rnn", remat=remat))
+    return jax.grad(functools.partial(model_loss, cell="rnn", remat=remat))
 
 
 def _inputs(batch: int, sharding: NamedSharding | None = None):
-    params, xs = common.abstract_inputs("rnn", MT, batch, MD, MH, jnp.float32)
+    params, xs = abstract_inputs("rnn", MT, batch, MD, MH, jnp.float32)
     if sharding is not None:
         xs = jax.ShapeDtypeStruct(xs.shape, xs.dtype, sharding=sharding)
     return params, xs
@@ -451,10 +457,10 @@ def check_budget_shard_map():
     budget = _budget_bytes(data_parallel(bj.StoreAll()), inputs, 0.3)
     rep = bj.memory.measure(data_parallel(bj.Budget(budget)), *inputs)
     # what it plans on one device for one device's share of the batch
-    params = common.init_model(jax.random.key(0), "rnn", MD, MH, jnp.float32)
+    params = init_model(jax.random.key(0), "rnn", MD, MH, jnp.float32)
     xs = jnp.zeros((MT, MB // DEVICES, MD), jnp.float32)
     h0 = jnp.zeros((MB // DEVICES, MH), jnp.float32)
-    plan = bj.Budget(budget).plan(common.make_step("rnn", params), h0, xs)
+    plan = bj.Budget(budget).plan(make_step("rnn", params), h0, xs)
     print(f"    budget {budget:,} B, per-device temp {rep.temp_bytes:,} B; plan: {plan}")
     assert rep.devices == DEVICES and rep.temp_bytes <= budget
     assert plan.strategy != bj.StoreAll()  # the budget binds
@@ -479,7 +485,7 @@ def check_budget_fused_nested_on_mesh():
     # (a loss over all outputs, the carry a loss creates, the loss's own scalars)
     C = bj.memory.tree_bytes(carry)
     nested = bj.memory.measure(grad(bj.Nested(2)), params, xs, carry).temp_bytes
-    budget = bj.Budget(nested + C + bj.budget._SLACK)
+    budget = bj.Budget(nested + C + _probe.SLACK)
     plan = budget.plan(functools.partial(c.step, params), carry, xs)
     assert isinstance(plan.strategy, bj.Binomial) and plan.recomputed_steps > 1.5 * T, plan
     mesh = mesh_1d()
@@ -496,61 +502,6 @@ def check_budget_fused_nested_on_mesh():
     assert rep.temp_bytes == want_rep.temp_bytes <= budget.bytes  # the fused Nested(2) ran
     assert_trees_close(got, grad(bj.StoreAll())(params, xs, carry))
     assert_specs(got[1], (None, "data"), "xs gradient")
-
-
-# --- the benchmark's --devices ------------------------------------------------------------
-
-
-@check("memory_vs_length.py --devices N: per-device rows, the devices table, errors")
-def check_benchmark_devices():
-    tiny = ["--batch", "8", "--input", "3", "--hidden", "4", "--lengths", "5", "--no-time"]
-    tiny += ["--methods", "lax.scan,binomial:2"]
-    with tempfile.TemporaryDirectory() as out:
-        for n in (1, 8):
-            common.run("memory_vs_length", [*tiny, "--devices", str(n), "--out", out])
-        rows = common.Table(os.path.join(out, "memory_vs_length.csv"), common.MemoryRow).read()
-        by = {(r.method, r.devices): r for r in rows}
-        assert sorted(by) == [(m, n) for m in ("bj.Binomial(2)", "lax.scan") for n in (1, 8)]
-        assert all(r.status == "ok" for r in rows), rows
-        one, eight = by["lax.scan", 1], by["lax.scan", 8]
-        assert eight.argument_bytes < one.argument_bytes and eight.temp_bytes < one.temp_bytes
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            common.run("memory_vs_length", [*tiny, "--out", out, "--table"])
-        assert "| method | T | N = 1 | N = 8 |" in printed.getvalue(), printed.getvalue()
-        # a batch the devices do not divide; more devices than JAX started with
-        for n, says in (("3", "must be a multiple of --devices 3"), ("16", "JAX has 8 cpu")):
-            err = io.StringIO()
-            try:
-                with contextlib.redirect_stderr(err):
-                    common.run("memory_vs_length", [*tiny, "--devices", n, "--out", out])
-            except SystemExit as exit:
-                assert says in f"{exit.code} {err.getvalue()}", (exit.code, err.getvalue())
-            else:
-                raise AssertionError(f"--devices {n} did not exit")
-
-
-# --- data-parallel training ---------------------------------------------------------------
-
-
-@check("char_lm.py --devices 8: the single-device curve, and a resumed run continues it")
-def check_char_lm_devices():
-    def curve(out: str, *extra: str) -> list[tuple[float, float]]:
-        # the script as a user runs it: JAX's default (not the checks' strict) promotion
-        with jax.numpy_dtype_promotion("standard"):
-            common.run("char_lm", ["--quick", "--num-preds", "1", "--out", out, *extra])
-        with open(os.path.join(out, "char_lm_gru.csv"), newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        return [(float(r["train_perplexity"]), float(r["val_perplexity"])) for r in rows]
-
-    with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as eight:
-        want = curve(one)  # 60 steps, evaluated every 20, on one device
-        curve(eight, "--devices", "8", "--steps", "40")  # stopped after 40 steps
-        got = curve(eight, "--devices", "8")  # resumes from the checkpoint at 40
-    assert len(got) == len(want) == 3, (got, want)
-    # float32 rounding: the batch's mean is summed in another order across devices
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    print(f"    perplexities on 8 devices {got[-1]}, on one {want[-1]}")
 
 
 # --- the runner ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import pytest
 from helpers import CELLS, assert_trees_close
 
 import bpttjax as bj
-from bpttjax import _engine
+from bpttjax.remat import _binomial
+from bpttjax.remat import _revolve as _engine
 from experiments import common
 
 # --- the schedule: an independent dynamic program -------------------------------------------
@@ -255,7 +256,7 @@ def test_cost_by_hand():
     cost = bj.Binomial(3).cost(100, costs)
     # snapshots and their int32 positions, the state being advanced, the state
     # being pulled back, the overhead, the engine's bookkeeping
-    assert cost.temp_bytes == 3 * (10 + 4) + 10 + 10 + 5 + bj.remat._ENGINE_BYTES
+    assert cost.temp_bytes == 3 * (10 + 4) + 10 + 10 + 5 + _binomial._ENGINE_BYTES
     assert cost.recomputed_steps == _engine.binomial_advances(100, 3)
     assert bj.Binomial(4).recomputed_steps(1000) == _engine.binomial_advances(1000, 4)
 

@@ -12,6 +12,7 @@ import pytest
 from helpers import CELLS
 
 import bpttjax as bj
+from bpttjax import _probe
 from experiments import budget_promise, common
 
 B, D, H = 32, 64, 256
@@ -170,9 +171,9 @@ def test_tiny_budgets_are_kept_and_the_least_named_works(T):
             assert err.least_bytes == least > budget
             continue
         assert temp(bj.Budget(budget)) <= budget, (budget, plan)
-        if budget >= store_all + bj.budget._SLACK:
+        if budget >= store_all + _probe.SLACK:
             assert plan.strategy == bj.StoreAll(), (budget, plan)
-    assert least <= store_all + bj.budget._SLACK + 128  # the probe's loss, two slots more
+    assert least <= store_all + _probe.SLACK + 128  # the probe's loss, two slots more
     assert temp(bj.Budget(least)) <= least
 
 
@@ -211,13 +212,13 @@ def test_plan_is_readable_and_follows_the_order():
 
 def missing(monkeypatch, miss):
     """Make the step's cost model miss ``miss`` bytes, as the GRU's did on an H200."""
-    real = bj.budget._measured_costs
+    real = _probe.measured_costs
 
     def under(*args, **kw):
         costs = real(*args, **kw)
         return dataclasses.replace(costs, overhead_bytes=costs.overhead_bytes - miss)
 
-    monkeypatch.setattr(bj.budget, "_measured_costs", under)
+    monkeypatch.setattr(_probe, "measured_costs", under)
     return under
 
 
@@ -250,13 +251,13 @@ def test_a_budget_the_check_keeps_missing_is_refused(monkeypatch):
     params, xs, h0 = problem("rnn", 300)
     step = common.make_step("rnn", params)
     budget = bj.Budget(3_000_000)
-    monkeypatch.setattr(bj.budget, "_scan_temp", lambda *args, **kw: budget.bytes + 1)
+    monkeypatch.setattr(_probe, "scan_temp", lambda *args, **kw: budget.bytes + 1)
     with pytest.raises(bj.budget.BudgetTooSmallError, match="StoreAll.*at a measured") as err:
         budget.plan(step, h0, xs)
     assert err.value.least_bytes == budget.bytes + 1
     # a miss as large as the budget leaves no room for Binomial(1): the
     # message names a budget with room for both
-    costs = bj.budget._measured_costs(step, h0, xs, None)
+    costs = _probe.measured_costs(step, h0, xs, None)
     least = bj.Binomial(1).cost(300, costs).temp_bytes
     with pytest.raises(ValueError, match="too small") as err:
         budget.choose(300, costs, missed=budget.bytes)
@@ -268,8 +269,8 @@ def test_binomial_1_is_compiled_when_the_model_says_nothing_fits(monkeypatch):
     """The least budget is XLA's figure for Binomial(1), not the model's."""
     params, xs, h0 = problem("rnn", 300)
     step = common.make_step("rnn", params)
-    outputs = bj.budget._output_bytes(step, h0, xs, 300)
-    one = bj.budget._scan_temp(step, h0, xs, 300, bj.Binomial(1)) + outputs
+    outputs = _probe.output_bytes(step, h0, xs, 300)
+    one = _probe.scan_temp(step, h0, xs, 300, bj.Binomial(1)) + outputs
     missing(monkeypatch, -10 * one)  # a model that predicts far too much
     plan = bj.Budget(one).plan(step, h0, xs)
     assert plan.strategy == bj.Binomial(1) and plan.measured_bytes == one
@@ -384,7 +385,7 @@ def test_a_scan_run_forward_is_never_probed(monkeypatch):
     def no_probe(*args, **kw):
         raise AssertionError("probed")
 
-    monkeypatch.setattr(bj.budget, "_measured_costs", no_probe)
+    monkeypatch.setattr(_probe, "measured_costs", no_probe)
     h0 = jnp.full(H_SMALL, 0.1)
     run = lambda remat, h: bj.scan(step, h, xs, remat=remat)
     want = run(bj.StoreAll(), h0)

@@ -311,13 +311,14 @@ def test_linen_options(kind, option):
 def test_batch_chunks(monkeypatch):
     """``batch_chunks`` reaches ``bj.cells.run`` on the fast path, with Flax's results."""
     chunks = []
-    run = bj.cells.run
+    run = _flax.run_cell
+    assert run is bj.cells.run
 
     def spy(*args, batch_chunks=1, **kw):
         chunks.append(batch_chunks)
         return run(*args, batch_chunks=batch_chunks, **kw)
 
-    monkeypatch.setattr(bj.cells, "run", spy)
+    monkeypatch.setattr(_flax, "run_cell", spy)
     x = jnp.concatenate([inputs()] * 2)  # 4 rows: two groups of 2
     models = [
         nnx.RNN(nnx_cell("LSTMCell"), return_carry=True),

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bpttjax as bj
+from bpttjax.remat import _binomial
 from experiments import common
 
 POLICIES = {
@@ -323,7 +324,7 @@ def test_predict_model_by_hand():
     # Binomial: the snapshots (a carry and an int32 position each), the states
     # advanced and pulled back, and the overhead
     assert bj.memory.predict(bj.Binomial(4), 100, C, R, over) == (
-        4 * (10 + 4) + 2 * 10 + 5 + bj.remat._ENGINE_BYTES
+        4 * (10 + 4) + 2 * 10 + 5 + _binomial._ENGINE_BYTES
     )
     # T=95 with (10, 10): 9 full blocks and a remainder of 5 steps
     assert (

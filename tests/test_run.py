@@ -16,6 +16,8 @@ import pytest
 from helpers import CELLS, STRATEGIES, assert_trees_close, strategy_id
 
 import bpttjax as bj
+from bpttjax import _probe
+from bpttjax.cells import _registry
 
 D, H, B = 3, 4, 2
 
@@ -149,7 +151,7 @@ def _traced(cell, params, carry, xs, chunks):
 def fake_timer(monkeypatch):
     """``batch_chunks="auto"`` on a 2-core CPU with a fresh cache, its timings set by the
     test (``timings[n]``); ``calls`` counts the timings taken."""
-    from bpttjax import _autotune
+    from bpttjax.cells import _autotune
 
     timings, calls = {1: 1.0, 2: 1.0}, []
     monkeypatch.setattr(_autotune, "_CACHE", {})
@@ -182,7 +184,7 @@ def test_auto_batch_chunks_runs_the_faster_by_its_timing(cell, fake_timer):
 
 def test_auto_batch_chunks_is_1_untimed_where_chains_cannot_help(fake_timer, monkeypatch):
     """Small batches, no batch axis, one core and other platforms: 1, nothing timed."""
-    from bpttjax import _autotune
+    from bpttjax.cells import _autotune
 
     timings, calls = fake_timer
     timings[2] = 0.1
@@ -207,16 +209,16 @@ def test_auto_batch_chunks_is_1_untimed_where_chains_cannot_help(fake_timer, mon
 
 
 def _layer_of(cell, params, xs):
-    from bpttjax import _fused
+    from bpttjax.cells import _fused
 
     c = bj.cells.get(cell)
-    return _fused.Layer(split=c.split, step_fn=c.step, params=params, xs=xs, length=len(xs))
+    return _fused.FusedLayer(split=c.split, step_fn=c.step, params=params, xs=xs, length=len(xs))
 
 
 def test_auto_batch_chunks_times_under_jit_and_grad(monkeypatch):
     """The real timing runs while ``jit`` and ``grad`` trace, once per shape; the
     gradients equal one chain's."""
-    from bpttjax import _autotune
+    from bpttjax.cells import _autotune
 
     monkeypatch.setattr(_autotune, "_CACHE", {})
     monkeypatch.setattr(_autotune, "cores", lambda: 2)
@@ -240,7 +242,7 @@ def _cell_state_first_lstm(output_leaf):
 
     def elem(pe, carry, z):  # the library's LSTM, its carry reordered
         c, h = carry
-        (h_new, c_new), y = bj.cells._lstm_elem(pe, (h, c), z)
+        (h_new, c_new), y = _registry._lstm_elem(pe, (h, c), z)
         return (c_new, h_new), y
 
     split = bj.cells.Split(
@@ -467,7 +469,7 @@ def test_budget_runs_the_fused_nested_instead_of_a_long_binomial(cell):
 
     nested = temp(bj.Nested(2))
     # Budget adds the carry a loss creates and room for the loss's own scalars
-    fits = bj.Budget(nested + C + bj.budget._SLACK)
+    fits = bj.Budget(nested + C + _probe.SLACK)
     plan = fits.plan(step, carry, xs)
     assert isinstance(plan.strategy, bj.Binomial), plan
     assert plan.recomputed_steps > 1.5 * T, plan

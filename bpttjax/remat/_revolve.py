@@ -1,4 +1,4 @@
-"""The checkpointing engine: a binomial ("revolve") schedule inside one compiled program.
+"""The revolve engine: a binomial checkpointing schedule inside one compiled program.
 
 Griewank and Walther's binomial checkpointing reverses ``T`` steps of a
 recurrence while storing at most ``s`` carries ("snapshots"), with the fewest
@@ -55,14 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:  # the tracer of jax.linearize / the outer jax.grad of grad∘grad (private)
-    from jax._src.interpreters.ad import LinearizeTracer as _LINEARIZE_TRACER
-except ImportError:  # pragma: no cover - then grad∘grad fails later, inside JAX
-    _LINEARIZE_TRACER = ()
-try:  # vmap's tracer, which passes a custom_vjp call on to the trace below it (private)
-    from jax._src.interpreters.batching import BatchTracer as _BATCH_TRACER
-except ImportError:  # pragma: no cover
-    _BATCH_TRACER = ()
+from .._trace import linearized, transposed
+from .._tree import index, split_diff, stack_zeros, store, with_zeros, zero_cotangent
 
 __all__ = ["beta", "binomial_advances", "binomial_scan", "binomial_steps"]
 
@@ -174,61 +168,6 @@ def _first_sweep(n: jax.Array, snapshots: int) -> jax.Array:
     return pos
 
 
-# --- pytree plumbing ------------------------------------------------------------------
-
-
-def _is_diff(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def _split_diff(tree: Any) -> tuple[list, list, Callable]:
-    """The inexact leaves, the others, and a function putting them back together."""
-    leaves, treedef = jax.tree.flatten(tree)
-    mask = [_is_diff(x) for x in leaves]
-
-    def merge(diff, other):
-        diff, other = iter(diff), iter(other)
-        return treedef.unflatten([next(diff) if m else next(other) for m in mask])
-
-    return (
-        [x for x, m in zip(leaves, mask, strict=True) if m],
-        [x for x, m in zip(leaves, mask, strict=True) if not m],
-        merge,
-    )
-
-
-def _zero_cotangent(x: Any) -> Any:
-    if _is_diff(x):
-        return jnp.zeros_like(x)
-    return np.zeros(np.shape(x), jax.dtypes.float0)
-
-
-def _index(tree: Any, i: jax.Array) -> Any:
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
-
-
-def _store(buf: Any, i: jax.Array, value: Any) -> Any:
-    return jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, i, 0), buf, value)
-
-
-def _stack_zeros(n: int, example: Any) -> Any:
-    """Zeros of shape ``(n, *a.shape)`` for each leaf ``a``, of ``a``'s type on its axes.
-
-    Broadcast from a zero like ``a`` rather than made by ``jnp.zeros``, so the
-    buffer has ``a``'s sharding and varying manual axes: under an explicit
-    mesh (``jax.make_mesh``'s default) an unsharded buffer cannot take a
-    batch-sharded carry (``dynamic_update_slice`` raises a ShardingTypeError),
-    and inside ``jax.shard_map`` a loop whose buffer is not device-varying
-    while its writes are fails to trace.
-    """
-
-    def zeros(a):
-        z = jnp.zeros_like(a, dtype=jnp.result_type(a))
-        return jnp.broadcast_to(z[None], (n, *jnp.shape(a)))
-
-    return jax.tree.map(zeros, example)
-
-
 # --- the engine -----------------------------------------------------------------------
 
 
@@ -258,12 +197,12 @@ def binomial_scan(
     Returns:
       ``(carry, ys)`` as ``jax.lax.scan``.
     """
-    x0 = None if xs is None else _index(xs, jnp.zeros((), _I32))
+    x0 = None if xs is None else index(xs, jnp.zeros((), _I32))
     closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
     by_jvp = _has_jvp(closed, init, x0, consts)
     n = jnp.asarray(length if steps is None else steps, _I32)
     spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap), by_jvp)
-    if any(_linearized(x) for x in jax.tree.leaves((consts, init, xs))):
+    if any(linearized(x) for x in jax.tree.leaves((consts, init, xs))):
         raise TypeError(_UNSUPPORTED.format(what="forward-mode jax.linearize of the scan"))
     try:
         return _scan(spec, closed, list(consts), init, xs, n)
@@ -282,21 +221,6 @@ _UNSUPPORTED = (
 )
 
 
-def _linearized(x: Any) -> bool:
-    """Whether the scan, called with leaf ``x``, is linearized by ``jax.linearize``.
-
-    A ``custom_vjp`` call goes to the current trace; ``vmap``'s passes it on
-    to the trace below. Under ``jax.linearize`` (a linearization that is not
-    a VJP's) JAX records the call as a primitive that refuses to be
-    evaluated, so the error would come only when the linear function is
-    called, in JAX's words. Under ``jax.vjp`` and ``jax.grad`` the same trace
-    has ``is_vjp`` set and the call is transposed instead, which works.
-    """
-    while isinstance(x, _BATCH_TRACER):
-        x = x.val
-    return isinstance(x, _LINEARIZE_TRACER) and not getattr(x._trace, "is_vjp", True)
-
-
 def _refuse_second_order(bwd: Callable) -> Callable:
     """Refuse, with an error naming ``Nested``, to be differentiated in reverse mode.
 
@@ -310,9 +234,7 @@ def _refuse_second_order(bwd: Callable) -> Callable:
     @functools.wraps(bwd)
     def wrapped(spec, closed, residuals, cotangents):
         leaves = jax.tree.leaves((residuals, cotangents))
-        if any(
-            isinstance(x, _LINEARIZE_TRACER) and getattr(x._trace, "is_vjp", True) for x in leaves
-        ):
+        if any(map(transposed, leaves)):
             what = "reverse-mode differentiation of its gradient"
             raise TypeError(_UNSUPPORTED.format(what=what))
         return bwd(spec, closed, residuals, cotangents)
@@ -343,28 +265,28 @@ def _forward(spec, closed, consts, init, xs, n):
     """Run steps ``0 .. n−2`` storing the first sweep's snapshots, then the VJP of the last."""
     length, snapshots, reverse, unroll, static, _, by_jvp = spec
     idx = _step_index(n, reverse)
-    x_at = lambda t: None if xs is None else _index(xs, idx(t))
+    x_at = lambda t: None if xs is None else index(xs, idx(t))
     _, y_shape = jax.eval_shape(closed, init, x_at(0), *consts)
     pos = _first_sweep(n, snapshots)
-    buf = _store(_stack_zeros(snapshots, init), jnp.zeros((), _I32), init)
+    buf = store(stack_zeros(snapshots, init), jnp.zeros((), _I32), init)
 
     def body(t, state):
         carry, buf, ys, k = state
         push = (k + 1 < snapshots) & (t == pos[jnp.minimum(k + 1, snapshots - 1)])
         k = k + push.astype(_I32)
         keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), carry, buf)
-        buf = _store(buf, k, keep)
+        buf = store(buf, k, keep)
         carry, y = _primal(closed, carry, x_at(t), consts, by_jvp)
-        return carry, buf, _store(ys, idx(t), y), k
+        return carry, buf, store(ys, idx(t), y), k
 
-    ys = _stack_zeros(length, y_shape)
+    ys = stack_zeros(length, y_shape)
     state = (init, buf, ys, jnp.zeros((), _I32))
     if static:
         carry, buf, ys, k = jax.lax.fori_loop(0, length - 1, body, state, unroll=unroll)
     else:
         carry, buf, ys, k = jax.lax.fori_loop(0, n - 1, body, state)
     (carry, y), last_vjp = _vjp(closed, consts, carry, x_at(n - 1))
-    ys = _store(ys, idx(n - 1), y)
+    ys = store(ys, idx(n - 1), y)
     return (carry, ys), (buf, pos, k, last_vjp)
 
 
@@ -385,7 +307,7 @@ def _primal(closed, carry, x, consts, by_jvp):
     if not by_jvp:
         return closed(carry, x, *consts)
     args = (carry, x, list(consts))
-    zeros = jax.tree.map(_zero_cotangent, args)
+    zeros = jax.tree.map(zero_cotangent, args)
     return jax.jvp(lambda c, x, k: closed(c, x, *k), args, zeros)[0]
 
 
@@ -419,13 +341,13 @@ def _vjp(closed, consts, carry, x):
     cotangents of the outputs' inexact leaves (lists of leaves) to those of
     the inputs' inexact leaves: ``(consts, carry, x)``, each a list.
     """
-    dc, oc, mc = _split_diff(list(consts))
-    dh, oh, mh = _split_diff(carry)
-    dx, ox, mx = _split_diff(x)
+    dc, oc, mc = split_diff(list(consts))
+    dh, oh, mh = split_diff(carry)
+    dx, ox, mx = split_diff(x)
 
     def fn(dc, dh, dx):
         new_carry, y = closed(mh(dh, oh), mx(dx, ox), *mc(dc, oc))
-        return (_split_diff(new_carry)[0], _split_diff(y)[0]), (new_carry, y)
+        return (split_diff(new_carry)[0], split_diff(y)[0]), (new_carry, y)
 
     _, pullback, out = jax.vjp(fn, dc, dh, dx, has_aux=True)
     return out, jax.tree_util.Partial(_pull, pullback)
@@ -444,14 +366,14 @@ def _scan_bwd(spec, closed, residuals, cotangents):
     length, snapshots, reverse, _, _, overlap, by_jvp = spec
     consts, init, xs, n, (buf, pos, k, last_vjp) = residuals
     ct_carry, ct_ys = cotangents
-    ct_ys = _split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
+    ct_ys = split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
     idx = _step_index(n, reverse)
-    x_at = lambda t: None if xs is None else _index(xs, idx(t))
+    x_at = lambda t: None if xs is None else index(xs, idx(t))
     step = lambda c, t: _primal(closed, c, x_at(t), consts, by_jvp)[0]
 
     # youturn: the last step's residuals came from the forward pass
-    g_consts, g_carry, g_x = last_vjp(_split_diff(ct_carry)[0], _index(ct_ys, idx(n - 1)))
-    xs_bar = None if xs is None else _store(_stack_zeros(length, g_x), idx(n - 1), g_x)
+    g_consts, g_carry, g_x = last_vjp(split_diff(ct_carry)[0], index(ct_ys, idx(n - 1)))
+    xs_bar = None if xs is None else store(stack_zeros(length, g_x), idx(n - 1), g_x)
 
     def restore_and_advance(e, k, buf, pos):
         """The state before step ``e − 1``: restore the newest snapshot, advance to it.
@@ -473,14 +395,14 @@ def _scan_bwd(spec, closed, residuals, cotangents):
 
             def do_push(k, buf, pos):
                 k = jnp.minimum(k + 1, snapshots - 1)
-                return k, _store(buf, k, state), pos.at[k].set(cur), next_split(cur, k)
+                return k, store(buf, k, state), pos.at[k].set(cur), next_split(cur, k)
 
             k, buf, pos, target = jax.lax.cond(
                 push, do_push, lambda k, buf, pos: (k, buf, pos, target), k, buf, pos
             )
             return cur, target, k, buf, pos, state
 
-        loop = (cur, target, k, buf, pos, _index(buf, k))
+        loop = (cur, target, k, buf, pos, index(buf, k))
         _, _, k, buf, pos, state = jax.lax.while_loop(lambda s: s[0] < e - 1, advance, loop)
         return k, buf, pos, state
 
@@ -494,11 +416,11 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         e, k, buf, pos, state, g_consts, g_carry, xs_bar = loop
         e = e - 1
         _, pull = _vjp(closed, consts, state, x_at(e))
-        d_consts, g_carry, g_x = pull(g_carry, _index(ct_ys, idx(e)))
-        g_carry = _live_until(g_carry, _split_diff(state)[0], e < 0)
+        d_consts, g_carry, g_x = pull(g_carry, index(ct_ys, idx(e)))
+        g_carry = _live_until(g_carry, split_diff(state)[0], e < 0)
         g_consts = jax.tree.map(jnp.add, g_consts, d_consts)
         if xs_bar is not None:
-            xs_bar = _store(xs_bar, idx(e), g_x)
+            xs_bar = store(xs_bar, idx(e), g_x)
         k = jnp.where((pos[k] == e) & (k > 0), k - 1, k)
         if not overlap:
             g_consts, g_carry, buf = jax.lax.optimization_barrier((g_consts, g_carry, buf))
@@ -508,8 +430,8 @@ def _scan_bwd(spec, closed, residuals, cotangents):
     k, buf, pos, state = restore_and_advance(n - 1, k, buf, pos)
     loop = (n - 1, k, buf, pos, state, g_consts, g_carry, xs_bar)
     *_, g_consts, g_carry, xs_bar = jax.lax.while_loop(lambda s: s[0] > 0, reverse_one, loop)
-    ct_xs = None if xs is None else _with_zeros(xs, xs_bar)
-    return _with_zeros(list(consts), g_consts), _with_zeros(init, g_carry), ct_xs, None
+    ct_xs = None if xs is None else with_zeros(xs, xs_bar)
+    return with_zeros(list(consts), g_consts), with_zeros(init, g_carry), ct_xs, None
 
 
 def _live_until(outs: list, keep: list, never: jax.Array) -> list:
@@ -524,11 +446,9 @@ def _live_until(outs: list, keep: list, never: jax.Array) -> list:
     XLA's CPU runtime, which runs a loop body's operations side by side as far
     as their buffers allow, must then run the two products one after the
     other. Keeping the state live until the cotangent exists lets them run
-    together: on 2 cores, ``Binomial``'s gradient took 7-9% less time for the
-    GRU and the LSTM (B = 32, H = 256, T = 100 to 1,000) and the same for the
-    tanh RNN. It costs up to one carry of memory. A select over one slice costs
-    next to nothing; over the whole leaf it is a pass that XLA may not fuse
-    (the tanh RNN took 10% longer).
+    together, at the price of up to one carry of memory (docs/strategies.md
+    has the measurement). A select over one slice costs next to nothing;
+    over the whole leaf it is a pass that XLA may not fuse.
     """
 
     def one(out, kept):
@@ -547,9 +467,9 @@ def _unsharded_axis(x: jax.Array) -> int | None:
     sharded explicitly by a mesh axis (slicing such an axis raises in JAX).
 
     With one device, the first such axis: a row, contiguous in memory, which
-    measured faster than a column (LSTM, T = 300: 0.93 against 0.98 of
-    Equinox's time). With several, the last: usually a feature axis, which
-    data parallelism leaves whole, so the slice stays on each device.
+    XLA slices without a strided copy. With several, the last: usually a
+    feature axis, which data parallelism leaves whole, so the slice stays on
+    each device.
     """
     spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
     axes = [
@@ -560,12 +480,6 @@ def _unsharded_axis(x: jax.Array) -> int | None:
     if not axes:
         return None
     return axes[0] if jax.device_count() == 1 else axes[-1]
-
-
-def _with_zeros(example: Any, diff_leaves: list) -> Any:
-    """A cotangent shaped like ``example``: ``diff_leaves`` where inexact, float0 elsewhere."""
-    _, other, merge = _split_diff(example)
-    return merge(diff_leaves, [_zero_cotangent(x) for x in other])
 
 
 _scan.defvjp(_scan_fwd, _refuse_second_order(_scan_bwd))

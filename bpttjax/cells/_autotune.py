@@ -1,28 +1,25 @@
 """``batch_chunks="auto"``: how many row chains a layer's loops run, chosen by timing them.
 
-Splitting the batch into independent chains (:func:`bpttjax._fused._pieces`)
-lets XLA's CPU runtime run one chain's operations beside another's. Whether
-that pays depends on the sizes and the machine (on a 2-core CPU it made the
-LSTM 11-21% faster at ``B = 32, H = 256`` and the GRU 15-24% slower at
-``B = 256, H = 128``), so no fixed rule serves: like cuDNN's and XLA's GPU
-autotuners, :func:`choose` compiles the layer's gradient over its first steps
-for each candidate, times it, and keeps the fastest, once per layer shape.
+Splitting the batch into independent chains (``_fused._pieces``) lets XLA's
+CPU runtime run one chain's operations beside another's. Whether that pays
+depends on the cell, the sizes and the machine, in both directions
+(``docs/layers.md`` has the measurements), so no fixed rule serves: like
+cuDNN's and XLA's GPU autotuners, :func:`choose` compiles the layer's
+gradient over its first steps for each candidate, times it, and keeps the
+fastest, once per layer shape.
 
 The timing is the fastest of several alternating calls. On a busy machine
-it is noisy (repeated probes of the GRU at ``B = 32, H = 256``, where 2
-chains are about 5-8% faster, gave ratios from 0.90 to 1.09), so where the
-candidates are within a few percent the choice can go either way; where
-they differ by 10% or more it has held.
+it is noisy, so where the candidates are within a few percent the choice
+can go either way; ``_MARGIN`` makes a tie keep one chain.
 
 It times only where chains can run side by side: a CPU backend with one
 device and at least two cores, and at least ``2 * _MIN_ROWS`` batch rows.
-Elsewhere it answers 1 without timing. A GPU runs a step's operations one
-after another (on an H200, 2 chains took 24-31% longer).
+Elsewhere it answers 1 without timing: a GPU runs a step's operations one
+after another, so chains only add work there.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any
@@ -30,18 +27,21 @@ from typing import Any
 import jax
 import numpy as np
 
+from .._probe import cached, outside_any_mesh, probe_grad
+from .._tree import abstract
+from ._fused import FusedLayer
+
 # The candidates timed, in order of preference: a later one must beat the best
 # before it by _MARGIN, so that a tie keeps the simpler program.
 _CANDIDATES = (1, 2)
 _MARGIN = 0.97
 # Below this many rows per chain, handing a chain to a second thread costs more
-# than it saves (B = 4: up to 48% slower); such batches are not timed.
+# than it saves; such batches are not timed.
 _MIN_ROWS = 8
 # The probe runs up to _PROBE_STEPS steps (fewer if the sequence is shorter, or
 # if a step is large: about _PROBE_FLOPS in all, at least _MIN_STEPS). Per-step
-# costs are what chains change; for the GRU at B = 32, H = 256 on 2 cores, 128
-# steps gave the ratio 1,000 steps gave (0.92-0.94), while 32 steps, where the
-# products after the loop weigh more, gave 0.96-0.98.
+# costs are what chains change, so the probe must be long enough that the
+# products after the loop, which chains do not change, weigh little.
 _PROBE_STEPS, _MIN_STEPS, _PROBE_FLOPS = 128, 16, 8e9
 # Each candidate runs at least _MIN_ROUNDS timed calls, and more (up to
 # _MAX_ROUNDS) while its calls total less than _ROUND_SECONDS.
@@ -68,7 +68,7 @@ def platform(xs: Any) -> str:
     return device if isinstance(device, str) else jax.default_backend()
 
 
-def untimed(layer: Any, carry: Any) -> str | None:
+def untimed(layer: FusedLayer, carry: Any) -> str | None:
     """Why ``layer`` gets 1 chain without timing, or ``None`` if it is timed."""
     if platform(layer.xs) != "cpu":
         return "not a CPU (a GPU runs a step's operations one after another)"
@@ -84,20 +84,18 @@ def untimed(layer: Any, carry: Any) -> str | None:
     return None
 
 
-def choose(layer: Any, carry: Any) -> int:
+def choose(layer: FusedLayer, carry: Any) -> int:
     """The number of chains ``layer``'s loops run fastest with (see the module's docstring)."""
     if untimed(layer, carry) is not None:
         return 1
-    from .budget import _abstract, _cached
-
     steps = min(layer.length, probe_steps(layer, carry))
-    params_a, carry_a = _abstract(layer.params), _abstract(carry)
+    params_a, carry_a = abstract(layer.params), abstract(carry)
     xs_a = jax.ShapeDtypeStruct((steps, *layer.xs.shape[1:]), layer.xs.dtype)
     key = (layer.split, layer.step_fn, layer.hoist, repr((params_a, carry_a, xs_a)))
-    return _cached(_CACHE, key, lambda: _fastest(times(layer, params_a, carry_a, xs_a)))
+    return cached(_CACHE, key, lambda: _fastest(times(layer, params_a, carry_a, xs_a)))
 
 
-def probe_steps(layer: Any, carry: Any) -> int:
+def probe_steps(layer: FusedLayer, carry: Any) -> int:
     """The steps the probe runs: about ``_PROBE_FLOPS`` of fwd+bwd, within
     ``[_MIN_STEPS, _PROBE_STEPS]``, counting a step as at most a gated cell's
     ``3 x 2·B·(D + H)·4H`` (``H`` the carry's width, ``D`` the input's)."""
@@ -116,11 +114,9 @@ def _fastest(times: dict[int, float]) -> int:
     return best
 
 
-def times(layer: Any, params_a: Any, carry_a: Any, xs_a: Any) -> dict[int, float]:
+def times(layer: FusedLayer, params_a: Any, carry_a: Any, xs_a: Any) -> dict[int, float]:
     """The fastest of several calls of the gradient of ``layer`` over ``xs_a``'s steps,
     compiled for each candidate number of chains, in seconds; calls alternate."""
-    from .budget import _outside_any_mesh, _probe_grad
-
     rng = np.random.default_rng(0)
 
     def value(a):
@@ -133,13 +129,13 @@ def times(layer: Any, params_a: Any, carry_a: Any, xs_a: Any) -> dict[int, float
     for n in _CANDIDATES:
 
         def run(params, carry, xs, n=n):
-            probe = dataclasses.replace(
-                layer, params=params, xs=xs, length=xs.shape[0], truncation=None, chunks=n
+            probe = layer.replace(
+                params=params, xs=xs, length=xs.shape[0], truncation=None, chunks=n
             )
             return probe.block(carry, 0, xs.shape[0])
 
-        with _outside_any_mesh():
-            compiled = jax.jit(_probe_grad(run)).lower(params_a, carry_a, xs_a).compile()
+        with outside_any_mesh():
+            compiled = jax.jit(probe_grad(run)).lower(params_a, carry_a, xs_a).compile()
         jax.block_until_ready(compiled(*args))  # the first call allocates
         calls[n] = compiled
     best = {n: float("inf") for n in _CANDIDATES}

@@ -4,7 +4,7 @@
 backward loop, two small matrix products with the recurrent kernel (the
 carry's cotangent, and the kernel's own gradient, added into an
 accumulator) and two with the input kernel. Only the first one is
-recurrent. :class:`Layer` runs a block of steps under a ``jax.custom_vjp``
+recurrent. :class:`FusedLayer` runs a block of steps under a ``jax.custom_vjp``
 whose backward loop does just that product and the elementwise part; it
 stacks the pre-activations' cotangents, and after the loop computes the
 kernels' and the inputs' gradients as a few large matrix products over all
@@ -30,8 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._engine import _index, _stack_zeros, _store
-from ._scan import scan as _bj_scan
+from .._scan import scan as _bj_scan
+from .._tree import index, stack_zeros, store
+from ..remat import RematStrategy
+from ..truncation import TruncationStrategy
+from ._registry import Split
 
 
 def _flat(tree: Any) -> Any:
@@ -68,8 +71,9 @@ def _mix_transpose(mix: Callable, dz: Any, x_width: int, h_width: int) -> tuple:
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
-class Layer:
-    """A cell with its parameters, inputs and options, runnable by any strategy.
+class FusedLayer:
+    """A cell with its parameters, inputs and options, runnable by any strategy: the
+    library's implementation of the :class:`bpttjax.remat.Layer` protocol.
 
     Built by :func:`bpttjax.cells.run`; a strategy's ``scan_layer`` calls
     :meth:`block` for the steps it keeps every residual of, and
@@ -88,22 +92,31 @@ class Layer:
         independent chains (see :func:`_pieces`); 1 runs the batch whole.
     """
 
-    split: Any
+    split: Split
     step_fn: Callable
     params: Any
     xs: jax.Array
     length: int
     reverse: bool = False
     unroll: int | bool = 1
-    truncation: Any = None
+    truncation: TruncationStrategy | None = None
     hoist: bool = False
     chunks: int = 1
+
+    @property
+    def key(self) -> tuple:
+        """The functions and options that fix this layer's program (its arrays aside)."""
+        return (self.split, self.step_fn, self.reverse, self.unroll, self.hoist, self.chunks)
+
+    def replace(self, **changes: Any) -> FusedLayer:
+        """A copy with the given fields replaced (``params``, ``xs``, ``length``...)."""
+        return dataclasses.replace(self, **changes)
 
     def step(self, carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
         """One step with this layer's parameters: ``f(carry, x)`` for :func:`bpttjax.scan`."""
         return self.step_fn(self.params, carry, x)
 
-    def scan(self, remat: Any, init: Any) -> tuple[Any, jax.Array]:
+    def scan(self, remat: RematStrategy, init: Any) -> tuple[Any, jax.Array]:
         """The whole sequence step by step under ``remat``, through :func:`bpttjax.scan`."""
         return _bj_scan(
             self.step,
@@ -128,13 +141,15 @@ class Layer:
         return _block_vjp(self)(self.params, carry, xs, scales)
 
 
-def _scales(layer: Layer, truncation: Any, start: jax.Array, n: int) -> jax.Array | None:
+def _scales(
+    layer: FusedLayer, truncation: TruncationStrategy | None, start: jax.Array, n: int
+) -> jax.Array | None:
     """The truncation factor of the carry entering each step of a block, by position."""
     if truncation is None:
         return None
     pos = start + jnp.arange(n, dtype=jnp.int32)
     counter = layer.length - 1 - pos if layer.reverse else pos
-    return jax.vmap(truncation._scale)(counter, pos)
+    return jax.vmap(truncation.scale)(counter, pos)
 
 
 def _check_output_leaf(sp: Any, pe: Any, carry: Any, z: Any, k: int) -> None:
@@ -222,9 +237,9 @@ def _start(a: jax.Array, t: Any, piece: tuple) -> tuple:
 
 
 def _get(stacks: Any, t: jax.Array, piece: Any) -> Any:
-    """Step ``t``'s rows ``piece`` of stacks ``(steps, batch, ...)``: ``_index`` for ``None``."""
+    """Step ``t``'s rows ``piece`` of stacks ``(steps, batch, ...)``: ``index`` for ``None``."""
     if piece is None:
-        return _index(stacks, t)
+        return index(stacks, t)
 
     def get(a):
         return jax.lax.dynamic_slice(a, _start(a, t, piece), (1, piece[1], *a.shape[2:]))[0]
@@ -233,9 +248,9 @@ def _get(stacks: Any, t: jax.Array, piece: Any) -> Any:
 
 
 def _put(stacks: Any, t: jax.Array, piece: Any, value: Any) -> Any:
-    """``value`` written as step ``t``'s rows ``piece`` of ``stacks``: ``_store`` for ``None``."""
+    """``value`` written as step ``t``'s rows ``piece`` of ``stacks``: ``store`` for ``None``."""
     if piece is None:
-        return _store(stacks, t, value)
+        return store(stacks, t, value)
 
     def put(a, v):
         return jax.lax.dynamic_update_slice(a, v[None].astype(a.dtype), _start(a, t, piece))
@@ -259,7 +274,7 @@ def _dz_stack(sp: Any, params: Any, init: Any, xs: jax.Array, d_ys: Any) -> Any:
     return jax.tree.map(lambda a: _zeros_from(d_ys, (xs.shape[0], *a.shape), a.dtype), z)
 
 
-def _block_vjp(layer: Layer) -> Callable:
+def _block_vjp(layer: FusedLayer) -> Callable:
     """``block(params, carry, xs, scales)``: a custom_vjp closing over the layer's functions.
 
     ``scales`` (``None`` without truncation) are the factors of the carry's
@@ -357,14 +372,14 @@ def _block_vjp(layer: Layer) -> Callable:
         # varying axes (shard_map), as lax.scan's stacked outputs would.
         t0 = n - 1 if layer.reverse else 0
         cs = [_rows(carry, p) for p in pieces]
-        x0 = _index(inputs, t0)
+        x0 = index(inputs, t0)
         news = [step(c, _rows(x0, p)) for p, c in zip(pieces, cs, strict=True)]
         _, y0, z0 = _join(news)
         if k is not None:
             _check_output_leaf(sp, sp.elem_args(params), carry, z0, k)
 
         keep_z = sp.output_vjp is None
-        bufs = _stack_zeros(n, (z0 if keep_z else None, y0, [leaves[i] for i in kept]))
+        bufs = stack_zeros(n, (z0 if keep_z else None, y0, [leaves[i] for i in kept]))
         state = write(cs, news, t0, bufs)
 
         def loop(j, state):
@@ -437,7 +452,7 @@ def _block_vjp(layer: Layer) -> Callable:
                 )
             return (dc, _add(dpe, dpe_t)), dz
 
-        index = (lambda j: j) if layer.reverse else (lambda j: n - 1 - j)
+        step_at = (lambda j: j) if layer.reverse else (lambda j: n - 1 - j)
 
         # Each step's dz is written over its own z in the residual stack, which
         # becomes the stack of dz: one stack of that size, not two (the LSTM's
@@ -455,7 +470,7 @@ def _block_vjp(layer: Layer) -> Callable:
 
         def loop(j, state):
             dcs, dpe, stack, zs_t = state
-            t = index(j)
+            t = step_at(j)
             s = None if scales is None else scales[t]
             steps = []
             for p, dc, z in zip(pieces, dcs, zs_t, strict=True):
@@ -464,7 +479,7 @@ def _block_vjp(layer: Layer) -> Callable:
                 steps.append((dc, dz))
             for p, (_, dz) in zip(pieces, steps, strict=True):
                 stack = _put(stack, z_slot(k, n, t), p, dz)
-            t_next = index(jnp.minimum(j + 1, n - 1))
+            t_next = step_at(jnp.minimum(j + 1, n - 1))
             zs_t = [residual(stack, t_next, p) for p in pieces]
             return [dc for dc, _ in steps], dpe, stack, zs_t
 
@@ -473,7 +488,7 @@ def _block_vjp(layer: Layer) -> Callable:
             [_rows(d_carry, p) for p in pieces],
             jax.tree.map(jnp.zeros_like, pe),
             stack,
-            [residual(stack, index(0), p) for p in pieces],
+            [residual(stack, step_at(0), p) for p in pieces],
         )
         dcs, d_pe, dzs, _ = jax.lax.fori_loop(0, n, loop, state, unroll=layer.unroll)
         d_init = _join(dcs)
@@ -512,7 +527,7 @@ def _block_vjp(layer: Layer) -> Callable:
             d_params, d_x_rows = products(flat(x_rows), flat(c_rows), flat(dzs))
             d_xs = roll(jnp.reshape(d_x_rows, xs.shape), -shift)
             _, last, _ = first_last(n)
-            x_f, c_last, dz_f = _index(x_rows, last), _index(c_rows, last), _index(dzs, last)
+            x_f, c_last, dz_f = index(x_rows, last), index(c_rows, last), index(dzs, last)
             good, _ = products(x_f, init, dz_f)
             wrong, _ = products(x_f, c_last, dz_f)
             d_params = jax.tree.map(lambda a, g, w: a + (g - w), d_params, good, wrong)

@@ -1,0 +1,151 @@
+"""Binomial checkpointing: :class:`Binomial`, Griewank and Walther's revolve schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Sequence
+
+import jax
+
+from . import _revolve
+from ._base import Cost, RematStrategy, register
+
+__all__ = ["Binomial"]
+
+
+_ENGINE_BYTES = 2048
+
+
+@register("binomial")
+@dataclasses.dataclass(frozen=True, repr=False)
+class Binomial(RematStrategy):
+    """Griewank and Walther's binomial checkpointing ("revolve"): optimal for its memory.
+
+    Stores at most ``snapshots`` carries, the first holding ``init``, and
+    recomputes the fewest steps any schedule with that many stored carries
+    can: with ``β(s, r) = C(s + r, s)`` and ``r`` the smallest integer with
+    ``β(s, r) >= T``, the step is evaluated ``r·T − β(s + 1, r − 1) + T``
+    times in all (the forward pass included), so each step about ``r + 1``
+    times. ``r`` grows like ``log T`` for a fixed fraction of ``log T``
+    snapshots; ``snapshots >= T − 1`` needs no recomputation beyond
+    ``EveryStep``'s.
+
+    It runs on one engine (``bpttjax.remat._revolve``): a ``jax.custom_vjp`` whose
+    forward pass keeps the snapshots in a fixed buffer and whose backward
+    pass is one loop that restores, recomputes and reverses one step at a
+    time, adding into one set of parameter-gradient accumulators. The
+    schedule is computed inside the loop, so the compiled program does not
+    grow with ``T``.
+
+    Args:
+      snapshots: ``s >= 1``, the carries stored (the first is ``init``).
+      overlap: in the backward pass, recompute the next state while pulling
+        back the current step, so that XLA may run the two side by side
+        (default), or one after the other. It changes time only, never
+        values, the schedule or the memory. Overlapping pays on a CPU when
+        one step's matrix products are too small to keep every thread busy,
+        and can cost a little when they are large.
+
+    Memory: ``s + 2`` carries (the snapshots, the state being advanced and
+    the state being pulled back), one step's residuals (the last step's are
+    kept from the forward pass, so it is not recomputed) and one set of
+    parameter-gradient accumulators; ``T`` enters only through ``ys``.
+    Recomputation: ``r·T − β(s + 1, r − 1)`` steps beyond plain BPTT, about
+    ``r`` forward passes.
+
+    Transformations: ``grad``, ``value_and_grad``, ``jit``, ``vmap`` (either
+    side of ``grad``), ``jvp∘grad`` and ``linearize∘grad`` (Hessian-vector
+    products) work. Forward-mode ``jax.jvp`` and ``jax.linearize`` of the
+    scan itself and ``grad∘grad`` do not (``custom_vjp`` has no forward-mode
+    rule, and the engine's loops have data-independent but dynamic trip
+    counts); they raise a ``TypeError`` naming :class:`Nested`, which
+    supports every transformation.
+
+    References:
+      A. Griewank and A. Walther, `Algorithm 799: revolve
+      <https://doi.org/10.1145/347837.347846>`_, ACM TOMS 26(1), 2000.
+
+    Example:
+      >>> carry, ys = bj.scan(step, h0, xs, remat=bj.Binomial(snapshots=14))
+    """
+
+    snapshots: int
+    overlap: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.overlap, bool):
+            raise TypeError(
+                "Binomial(overlap=...) expects True or False, got "
+                f"{type(self.overlap).__name__}: {self.overlap!r}"
+            )
+        s = self.snapshots
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(
+                f"Binomial(snapshots=...) expects a positive int, got {type(s).__name__}: {s!r}"
+            )
+        if s < 1:
+            raise ValueError(
+                f"Binomial(snapshots=...) expects snapshots >= 1 (the first holds init), got {s}"
+            )
+        object.__setattr__(self, "snapshots", int(s))
+
+    def __repr__(self):
+        extra = "" if self.overlap else ", overlap=False"
+        return f"Binomial(snapshots={self.snapshots}{extra})"
+
+    @classmethod
+    def examples(cls):
+        # Binomial(1) and s >= T are covered by test_binomial.py's counts and order
+        return (cls(3),)
+
+    @classmethod
+    def candidates(cls, length, costs):
+        # Revolve is optimal for each snapshot count, so every count is worth
+        # considering: most snapshots (least recomputation) first.
+        return _SnapshotCounts(max(length - 1, 1))
+
+    def recomputed_steps(self, length: int) -> int:
+        """Step evaluations beyond plain BPTT's ``T``: the revolve optimum."""
+        return _revolve.binomial_advances(length, self.snapshots)
+
+    def cost(self, length, costs):
+        # XLA reuses plain BPTT's fixed buffers for the step residuals and the
+        # parameter accumulators, so the temp is the snapshots plus plain's
+        # overhead, independent of T. On top: each snapshot's int32 position;
+        # the state being advanced for the next step while the current one is
+        # pulled back; the state being pulled back, kept live until its
+        # cotangent exists (_revolve._live_until; XLA shares some of it with
+        # other buffers, so this errs high); the engine's loop counters and
+        # indices, small buffers that XLA aligns to 64 bytes.
+        s, C = self.snapshots, costs.carry_bytes
+        temp = (s + 2) * C + 4 * s + costs.overhead_bytes + _ENGINE_BYTES
+        return Cost(temp, self.recomputed_steps(length))
+
+    def scan(self, f, init, xs, length, reverse, unroll):
+        if length == 0:
+            return jax.lax.scan(f, init, xs, length=0, reverse=reverse, unroll=unroll)
+        if length > _revolve.MAX_LENGTH:
+            raise ValueError(
+                f"Binomial supports sequences of up to 2**30 steps, got length {length}"
+            )
+        return _revolve.binomial_scan(
+            f, init, xs, length, self.snapshots, reverse, unroll, overlap=self.overlap
+        )
+
+
+class _SnapshotCounts(Sequence):
+    """``Binomial(n), Binomial(n - 1), ..., Binomial(1)``, made only when indexed."""
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return Binomial(self._n - (i % self._n))
