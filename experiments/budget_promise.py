@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,10 @@ import jax.numpy as jnp
 import bpttjax as bj
 
 try:  # python -m experiments.budget_promise, or experiments/ is importable
-    from experiments import common
-except ImportError:  # python experiments/budget_promise.py
-    import common
+    from experiments import _cli, _table
+except ImportError:  # python experiments/budget_promise.py in a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import _cli, _table
 
 CSV_NAME = "budget_promise.csv"
 LOSSES = ("readme", "per_step", "linear")
@@ -94,30 +96,30 @@ def grad_temp(cell: str, loss: str, remat, params, xs, hidden: int) -> int:
 
 
 def build_parser():
-    p = common.parser(__doc__, quick="tiny sizes (smoke test)", fresh="redo points in the CSV")
-    p.add_argument("--cells", type=common.comma_list(str), default=list(bj.cells.CELLS))
-    p.add_argument("--lengths", type=common.lengths, default=[100, 600, 3000])
+    p = _cli.parser(__doc__, quick="tiny sizes (smoke test)", fresh="redo points in the CSV")
+    p.add_argument("--cells", type=_cli.comma_list(str), default=list(bj.cells.CELLS))
+    p.add_argument("--lengths", type=_cli.lengths, default=[100, 600, 3000])
     p.add_argument(
         "--fractions",
-        type=common.comma_list(common.float_in(0, 10, high_included=True)),
+        type=_cli.comma_list(_cli.float_in(0, 10, high_included=True)),
         default=list(DEFAULT_FRACTIONS),
         help="budgets, as fractions of plain BPTT's working memory for each loss",
     )
-    p.add_argument("--batch", type=common.int_at_least(1), default=4)
-    p.add_argument("--input", type=common.int_at_least(1), default=8)
-    p.add_argument("--hidden", type=common.int_at_least(1), default=32)
-    p.add_argument("--dtype", type=common.float_dtype, default="float64")
+    p.add_argument("--batch", type=_cli.int_at_least(1), default=4)
+    p.add_argument("--input", type=_cli.int_at_least(1), default=8)
+    p.add_argument("--hidden", type=_cli.int_at_least(1), default=32)
+    p.add_argument("--dtype", type=_cli.float_dtype, default="float64")
     return p
 
 
 def main(argv=None) -> list[PromiseRow]:
-    args = common.parse(build_parser(), argv, QUICK)
+    args = _cli.parse(build_parser(), argv, QUICK)
     for cell in args.cells:
         bj.cells.get(cell)  # an unknown cell fails before anything is measured
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     os.makedirs(args.out, exist_ok=True)
-    table = common.Table(os.path.join(args.out, CSV_NAME), PromiseRow)
+    table = _table.Table(os.path.join(args.out, CSV_NAME), PromiseRow)
     if args.fresh and os.path.exists(table.path):
         os.remove(table.path)
     done = {(r.cell, r.T, r.loss, r.fraction) for r in table.read()}
@@ -129,7 +131,7 @@ def main(argv=None) -> list[PromiseRow]:
         if any((cell, T, loss, f) not in done for f in args.fractions)
     ]
     dtype = jnp.dtype(args.dtype)
-    for cell, T, loss in common.progress(points, desc="budget promise", unit="point"):
+    for cell, T, loss in _cli.progress(points, desc="budget promise", unit="point"):
         init = getattr(bj.cells, f"init_{cell}")
         params = init(jax.random.key(0), args.input, args.hidden, dtype)
         xs = jax.random.normal(jax.random.key(1), (T, args.batch, args.input), dtype)

@@ -36,10 +36,10 @@ The training state (parameters, optimizer state, step, carried state) is
 saved with Flax serialization to ``--out/<name>.ckpt`` every
 ``--eval-every`` steps; running the same command again resumes from it
 (``--fresh`` starts over), and ``--steps`` may be raised to train longer.
-The model, the data and the training loop are ``common.CharModel``,
-``common.minibatch`` and ``common.train_char_lm``.
+The model, the data and the training loop are ``tasks.char_lm.CharModel``,
+``tasks.corpus.minibatch`` and ``tasks.char_lm.train_char_lm``.
 
-    python experiments/char_lm.py                      # GRU, 2000 steps, ~2 min
+    python experiments/char_lm.py                      # GRU, 2000 steps
     python experiments/char_lm.py --cell lstm --partition sequential
     python experiments/char_lm.py --corpus timemachine.txt --steps 5000
     python experiments/char_lm.py --impl nnx-rnn --remat binomial:4
@@ -51,63 +51,69 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import jax
 
 try:  # python -m experiments.char_lm, or experiments/ is importable
-    from experiments import common
-except ImportError:  # python experiments/char_lm.py
-    import common
+    from experiments import _cli
+    from experiments.tasks import char_lm as char_lm_task
+    from experiments.tasks import corpus
+except ImportError:  # python experiments/char_lm.py in a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import _cli
+    from experiments.tasks import char_lm as char_lm_task
+    from experiments.tasks import corpus
 
 QUICK = dict(hidden=32, batch=16, num_steps=20, steps=60, eval_every=20, max_chars=60_000)
 """``--quick`` defaults (seconds); options given explicitly still win."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(
+    p = _cli.parser(
         __doc__,
         quick="tiny model and corpus: seconds",
         fresh="ignore an existing checkpoint",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: stdlib docs)")
-    p.add_argument("--max-chars", type=common.non_negative_int, default=0, help="0: all")
-    common.add_cell_option(p, "gru")
-    p.add_argument("--impl", choices=common.IMPLS, default="bpttjax")
-    p.add_argument("--hidden", type=common.positive_int, default=256)
-    p.add_argument("--batch", type=common.positive_int, default=32)
-    p.add_argument("--num-steps", type=common.positive_int, default=35, help="BPTT length")
-    p.add_argument("--steps", type=common.positive_int, default=2000, help="training steps")
-    p.add_argument("--lr", type=common.positive_float, default=3e-3, help="Adam learning rate")
-    p.add_argument("--clip", type=common.positive_float, default=1.0, help="global norm clip")
-    p.add_argument("--partition", choices=common.PARTITIONS, default="random")
+    p.add_argument("--max-chars", type=_cli.non_negative_int, default=0, help="0: all")
+    _cli.add_cell_option(p, "gru")
+    p.add_argument("--impl", choices=char_lm_task.IMPLS, default="bpttjax")
+    p.add_argument("--hidden", type=_cli.positive_int, default=256)
+    p.add_argument("--batch", type=_cli.positive_int, default=32)
+    p.add_argument("--num-steps", type=_cli.positive_int, default=35, help="BPTT length")
+    p.add_argument("--steps", type=_cli.positive_int, default=2000, help="training steps")
+    p.add_argument("--lr", type=_cli.positive_float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--clip", type=_cli.positive_float, default=1.0, help="global norm clip")
+    p.add_argument("--partition", choices=corpus.PARTITIONS, default="random")
     p.add_argument(
         "--truncation", default="full", help="full | truncate:K | random:P (within --num-steps)"
     )
-    common.add_remat_option(p, "store_all")
-    p.add_argument("--seed", type=common.non_negative_int, default=0)
+    _cli.add_remat_option(p, "store_all")
+    p.add_argument("--seed", type=_cli.non_negative_int, default=0)
     p.add_argument(
         "--devices",
-        type=common.positive_int,
+        type=_cli.positive_int,
         default=1,
         help="data-parallel over N devices (the batch sharded by rows, parameters "
         "replicated); on CPU, N simulated devices are asked of XLA before JAX starts",
     )
-    p.add_argument("--eval-every", type=common.positive_int, default=100)
+    p.add_argument("--eval-every", type=_cli.positive_int, default=100)
     p.add_argument("--prefix", default="the time traveller")
-    p.add_argument("--num-preds", type=common.non_negative_int, default=100)
+    p.add_argument("--num-preds", type=_cli.non_negative_int, default=100)
     p.add_argument(
         "--temperature",
-        type=common.float_in(0, float("inf"), low_included=True),
+        type=_cli.float_in(0, float("inf"), low_included=True),
         default=0.0,
         help="0: greedy (d2l)",
     )
     return p
 
 
-def plot(curves: dict[str, list[common.EvalRow]], path: str, title: str = "") -> str:
+def plot(curves: dict[str, list[char_lm_task.EvalRow]], path: str, title: str = "") -> str:
     """Perplexity against training step; one colour per run, dashed = training."""
-    fig, ax = common.pyplot().subplots(figsize=(7, 4.5))
+    fig, ax = _cli.pyplot().subplots(figsize=(7, 4.5))
     for i, (label, rows) in enumerate(curves.items()):
         steps = [r.step for r in rows]
         color = f"C{i}"
@@ -119,15 +125,15 @@ def plot(curves: dict[str, list[common.EvalRow]], path: str, title: str = "") ->
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"character language model {title} ({jax.default_backend()})")
-    return common.save_figure(fig, path)
+    return _cli.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
     p = build_parser()
-    args = common.parse(p, argv, QUICK)
+    args = _cli.parse(p, argv, QUICK)
     try:
-        cfg = common.from_args(common.CharConfig, args)
-        text = common.load_text(cfg.corpus, cfg.max_chars)
+        cfg = _cli.from_args(char_lm_task.CharConfig, args)
+        text = corpus.load_text(cfg.corpus, cfg.max_chars)
     except (OSError, ValueError) as e:
         p.error(str(e))
     name = f"char_lm_{args.cell}" + ("" if args.impl == "bpttjax" else "_" + args.impl)
@@ -140,11 +146,11 @@ def main(argv=None) -> None:
     )
     if args.batch % args.devices:
         p.error(f"--batch {args.batch} must be a multiple of --devices {args.devices}")
-    run = common.train_char_lm(
+    run = char_lm_task.train_char_lm(
         cfg, steps=args.steps, out=args.out, name=name, eval_every=args.eval_every,
         fresh=args.fresh, text=text, devices=args.devices,
     )  # fmt: skip
-    sample = common.predict_text(
+    sample = char_lm_task.predict_text(
         run.model, run.params, run.vocab, args.prefix, args.num_preds,
         temperature=args.temperature, seed=args.seed,
     )  # fmt: skip

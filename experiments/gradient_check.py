@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -29,12 +30,29 @@ import numpy as np  # noqa: E402
 import bpttjax as bj  # noqa: E402
 
 try:  # python -m experiments.gradient_check, or experiments/ is importable
-    from experiments import common
-except ImportError:  # python experiments/gradient_check.py
-    import common
+    from experiments import _cli, _table
+except ImportError:  # python experiments/gradient_check.py in a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import _cli, _table
 
 QUICK = {"lengths": [5, 17]}
 TOLERANCE = 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckRow:
+    """``gradient_check.csv``: relative errors against d2l's formulas, one strategy at one T."""
+
+    T: int
+    strategy: str
+    err_W_hx: float
+    err_W_hh: float
+    err_W_qh: float
+    err_h0: float
+    seconds: float
+    backend: str
+    jax: str
+    python: str
 
 
 def label(strategy: bj.RematStrategy) -> str:
@@ -79,14 +97,14 @@ def make_problem(rng, hidden: int, input_size: int, output: int, radius: float) 
     }
 
 
-def check(T: int, remat, params, h0, xs, ys, ref) -> common.CheckRow:
+def check(T: int, remat, params, h0, xs, ys, ref) -> CheckRow:
     """Compile, run once, time a second run and compare with d2l's gradients."""
     grad = jax.jit(jax.grad(functools.partial(linear_loss, remat), argnums=(0, 1)))
     jparams = jax.tree.map(jnp.asarray, params)
     g_params, g_h0 = jax.block_until_ready(grad(jparams, h0, xs, ys))
     start = time.perf_counter()
     jax.block_until_ready(grad(jparams, h0, xs, ys))
-    return common.CheckRow(
+    return CheckRow(
         T=T,
         strategy=label(remat),
         err_W_hx=rel_err(g_params["W_hx"], ref.dL_dW_hx),
@@ -100,7 +118,7 @@ def check(T: int, remat, params, h0, xs, ys, ref) -> common.CheckRow:
     )
 
 
-def sweep(lengths, hidden, input_size, output, radius) -> list[common.CheckRow]:
+def sweep(lengths, hidden, input_size, output, radius) -> list[CheckRow]:
     rng = np.random.default_rng(0)
     params = make_problem(rng, hidden, input_size, output, radius)
     h0 = rng.standard_normal(hidden)
@@ -120,17 +138,17 @@ def sweep(lengths, hidden, input_size, output, radius) -> list[common.CheckRow]:
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__, quick="two short lengths (smoke test)")
-    p.add_argument("--lengths", type=common.lengths, default=[10, 100, 1000])
-    p.add_argument("--hidden", type=common.positive_int, default=32)
-    p.add_argument("--input", type=common.positive_int, default=8)
-    p.add_argument("--output", type=common.positive_int, default=4)
+    p = _cli.parser(__doc__, quick="two short lengths (smoke test)")
+    p.add_argument("--lengths", type=_cli.lengths, default=[10, 100, 1000])
+    p.add_argument("--hidden", type=_cli.positive_int, default=32)
+    p.add_argument("--input", type=_cli.positive_int, default=8)
+    p.add_argument("--output", type=_cli.positive_int, default=4)
     p.add_argument("--radius", type=float, default=0.95, help="spectral radius of W_hh")
-    args = common.parse(p, argv, QUICK)
+    args = _cli.parse(p, argv, QUICK)
     rows = sweep(args.lengths, args.hidden, args.input, args.output, args.radius)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gradient_check.csv")
-    common.Table(path, common.CheckRow).write(rows)
+    _table.Table(path, CheckRow).write(rows)
 
     print("Relative error of jax.grad through bj.scan vs d2l's formulas (float64)")
     w = max(26, *(len(r.strategy) + 2 for r in rows))

@@ -19,7 +19,9 @@ Writes ``gradient_flow.csv``, ``power_iteration.csv`` and
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 
 import jax
 
@@ -31,13 +33,36 @@ import numpy as np  # noqa: E402
 import bpttjax as bj  # noqa: E402
 
 try:  # python -m experiments.gradient_flow, or experiments/ is importable
-    from experiments import common
-except ImportError:  # python experiments/gradient_flow.py
-    import common
+    from experiments import _cli, _table
+except ImportError:  # python experiments/gradient_flow.py in a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import _cli, _table
 
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
 KINDS = ("linear", "tanh")
 QUICK = {"length": 40, "hidden": 8, "power_steps": 30}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowRow:
+    """``gradient_flow.csv``: the decay of ``‖∂L_T/∂h_t‖`` for one RNN and ``ρ``."""
+
+    rnn: str
+    rho: float
+    T: int
+    hidden: int
+    fitted_log_rate: float
+    log_rho: float
+    norm_at_T: float
+    norm_at_0: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerRow:
+    """``power_iteration.csv``: ``|cos(M^k x, leading eigenvector)|``."""
+
+    k: int
+    abs_cosine_to_leading_eigenvector: float
 
 
 def orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -87,13 +112,13 @@ def power_iteration_cosines(n: int, steps: int, seed: int = 0) -> np.ndarray:
     return np.asarray(out)
 
 
-def measure(T: int, hidden: int) -> tuple[list[common.FlowRow], dict]:
+def measure(T: int, hidden: int) -> tuple[list[FlowRow], dict]:
     rows, curves = [], {}
     jobs = [(kind, rho) for kind in KINDS for rho in RHOS]
-    for kind, rho in common.progress(jobs, total=len(jobs), desc="gradient flow"):
+    for kind, rho in _cli.progress(jobs, total=len(jobs), desc="gradient flow"):
         norms = curves[(kind, rho)] = grad_norms(kind, rho, T, hidden)
         rows.append(
-            common.FlowRow(
+            FlowRow(
                 rnn=kind,
                 rho=rho,
                 T=T,
@@ -108,7 +133,7 @@ def measure(T: int, hidden: int) -> tuple[list[common.FlowRow], dict]:
 
 
 def plot(curves, cosines, T: int, hidden: int, path: str) -> str:
-    plt = common.pyplot()
+    plt = _cli.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = dict(zip(RHOS, plt.cm.viridis(np.linspace(0, 0.9, len(RHOS))), strict=True))
     for (kind, rho), norms in curves.items():
@@ -127,22 +152,22 @@ def plot(curves, cosines, T: int, hidden: int, path: str) -> str:
     ax2.set_ylim(0, 1.05)
     ax2.grid(True, alpha=0.3)
     fig.suptitle(f"T={T}, hidden={hidden}, float64, {jax.default_backend()}")
-    return common.save_figure(fig, path)
+    return _cli.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
-    p = common.parser(__doc__, quick="T=40, hidden 8: seconds")
-    p.add_argument("--length", type=common.int_at_least(2), default=100)
-    p.add_argument("--hidden", type=common.int_at_least(2), default=32)
-    p.add_argument("--power-steps", type=common.int_at_least(2), default=400)
-    args = common.parse(p, argv, QUICK)
+    p = _cli.parser(__doc__, quick="T=40, hidden 8: seconds")
+    p.add_argument("--length", type=_cli.int_at_least(2), default=100)
+    p.add_argument("--hidden", type=_cli.int_at_least(2), default=32)
+    p.add_argument("--power-steps", type=_cli.int_at_least(2), default=400)
+    args = _cli.parse(p, argv, QUICK)
     rows, curves = measure(args.length, args.hidden)
     cosines = power_iteration_cosines(args.hidden, args.power_steps)
 
     os.makedirs(args.out, exist_ok=True)
-    common.Table(os.path.join(args.out, "gradient_flow.csv"), common.FlowRow).write(rows)
-    powers = [common.PowerRow(k, c) for k, c in enumerate(cosines.tolist())]
-    common.Table(os.path.join(args.out, "power_iteration.csv"), common.PowerRow).write(powers)
+    _table.Table(os.path.join(args.out, "gradient_flow.csv"), FlowRow).write(rows)
+    powers = [PowerRow(k, c) for k, c in enumerate(cosines.tolist())]
+    _table.Table(os.path.join(args.out, "power_iteration.csv"), PowerRow).write(powers)
     png = plot(
         curves, cosines, args.length, args.hidden, os.path.join(args.out, "gradient_flow.png")
     )

@@ -3,7 +3,7 @@
 The adding problem (Hochreiter & Schmidhuber, 1997): each step's input is
 ``(value ~ U[0, 1], marker ∈ {0, 1})``, exactly two steps are marked, and the
 target is the sum of the two marked values, read from a linear read-out of an
-LSTM's last hidden state (``common.adding_params``); predicting the constant 1
+LSTM's last hidden state (``tasks.adding.adding_params``); predicting the constant 1
 gives MSE ``1/6``. The same LSTM is trained from the same parameters on the
 same batches twice, with Adam after ``optax.clip_by_global_norm(--clip)``:
 full BPTT (``bj.scan(..., remat=bj.Nested(levels=2))``) and with
@@ -15,7 +15,7 @@ both markers in the first ``T - M`` steps (``--min-gap M``, default
 original placement (all markers in the first half). ``--marker-weights zero``
 (the default) starts the marker channel's input weights (row 1 of ``W_x``) at
 zero: under ``Truncate(K)`` their gradient is exactly zero, so the truncated
-model never sees a marker and cannot beat ``common.marker_blind_floor``
+model never sees a marker and cannot beat ``tasks.adding.marker_blind_floor``
 (``(1 - 2/(T - M))/6``). ``--init chrono`` (Tallec & Ollivier, 2018) sets the
 forget-gate biases to ``log U[1, T - 1]`` and the input-gate biases to their
 negative, so that cells keep their content for up to ``T`` steps. The
@@ -28,7 +28,7 @@ written as soon as it is measured, so a killed run keeps its curves so far;
 seconds since that method started, compilation and evaluations included) and
 ``long_range.png`` under ``--out``, and prints a summary table.
 
-    python experiments/long_range.py                  # T = 200: about 2.5 min on 2 CPU cores
+    python experiments/long_range.py                  # T = 200
     python experiments/long_range.py --length 1000 --steps 1000   # the long version
     python experiments/long_range.py --quick          # seconds; used by the tests
 """
@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 
 import jax
@@ -46,14 +47,28 @@ import numpy as np
 import optax
 
 try:  # python -m experiments.long_range, or experiments/ is importable
-    from experiments import common
-except ImportError:  # python experiments/long_range.py
-    import common
+    from experiments import _cli, _table
+    from experiments.tasks import adding
+except ImportError:  # python experiments/long_range.py in a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import _cli, _table
+    from experiments.tasks import adding
 
-BASELINE_MSE = common.ADDING_BASELINE_MSE
+BASELINE_MSE = adding.ADDING_BASELINE_MSE
 CSV_NAME = "long_range.csv"
 PNG_NAME = "long_range.png"
 QUICK = dict(length=50, steps=500, hidden=32, batch=32, eval_batch=500, eval_every=25)
+
+
+@dataclasses.dataclass(frozen=True)
+class AddingRow:
+    """``long_range.csv``: one evaluation of one method on the adding problem."""
+
+    step: int
+    method: str
+    train_mse: float
+    eval_mse: float
+    wall_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +97,24 @@ class Run:
 
 
 def build_parser():
-    p = common.parser(__doc__, quick="T=50, 500 steps: seconds")
-    p.add_argument("--length", type=common.int_at_least(4), default=200, help="T (default 200)")
+    p = _cli.parser(__doc__, quick="T=50, 500 steps: seconds")
+    p.add_argument("--length", type=_cli.int_at_least(4), default=200, help="T (default 200)")
     p.add_argument(
         "--min-gap",
-        type=common.non_negative_int,
+        type=_cli.non_negative_int,
         default=None,
         help="placement 'gap': no marker in the last M steps (default T // 4; 0: anywhere)",
     )
-    p.add_argument("--placement", choices=common.PLACEMENTS, default="gap")
+    p.add_argument("--placement", choices=adding.PLACEMENTS, default="gap")
     p.add_argument(
-        "--truncate", type=common.positive_int, default=None, help="K of Truncate(K) (T // 10)"
+        "--truncate", type=_cli.positive_int, default=None, help="K of Truncate(K) (T // 10)"
     )
-    p.add_argument("--steps", type=common.positive_int, default=2000)
-    p.add_argument("--batch", type=common.positive_int, default=64)
-    p.add_argument("--hidden", type=common.positive_int, default=64)
-    p.add_argument("--lr", type=common.positive_float, default=3e-3, help="Adam learning rate")
-    p.add_argument("--clip", type=common.positive_float, default=1.0, help="global norm clip")
-    p.add_argument("--init", choices=common.INITS, default="chrono", help="LSTM gate biases")
+    p.add_argument("--steps", type=_cli.positive_int, default=2000)
+    p.add_argument("--batch", type=_cli.positive_int, default=64)
+    p.add_argument("--hidden", type=_cli.positive_int, default=64)
+    p.add_argument("--lr", type=_cli.positive_float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--clip", type=_cli.positive_float, default=1.0, help="global norm clip")
+    p.add_argument("--init", choices=adding.INITS, default="chrono", help="LSTM gate biases")
     p.add_argument(
         "--marker-weights",
         choices=("random", "zero"),
@@ -107,51 +122,49 @@ def build_parser():
         help="initial input weights of the marker channel",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=common.positive_int, default=50)
-    p.add_argument("--eval-batch", type=common.positive_int, default=1000)
+    p.add_argument("--eval-every", type=_cli.positive_int, default=50)
+    p.add_argument("--eval-batch", type=_cli.positive_int, default=1000)
     return p
 
 
 def parse_run(argv) -> tuple[Run, str]:
     """The run's options, checked, and the output folder."""
     p = build_parser()
-    args = common.parse(p, argv, QUICK)
+    args = _cli.parse(p, argv, QUICK)
     if args.min_gap is None:
         args.min_gap = args.length // 4
     if args.truncate is None:
         args.truncate = max(1, args.length // 10)
     if args.truncate >= args.length:
         p.error(f"--truncate must be < --length ({args.length}), got {args.truncate}")
-    a, b = common.marker_region(args.length, args.placement, args.min_gap)
+    a, b = adding.marker_region(args.length, args.placement, args.min_gap)
     if a < 1 or b < 2:
         where = f"--min-gap {args.min_gap}" if args.placement == "gap" else "Hochreiter's placement"
         p.error(f"no room for two markers with --length {args.length} and {where}")
-    return common.from_args(Run, args), args.out
+    return _cli.from_args(Run, args), args.out
 
 
-def train(run: Run, method: str, truncate, params, eval_data, table) -> list[common.AddingRow]:
+def train(run: Run, method: str, truncate, params, eval_data, table) -> list[AddingRow]:
     """Train one method; append a row to ``table`` at every evaluation. Returns its rows."""
     optimizer = optax.chain(optax.clip_by_global_norm(run.clip), optax.adam(run.lr))
     opt_state = optimizer.init(params)
-    train_step = common.adding_train_step(
+    train_step = adding.adding_train_step(
         optimizer, run.batch, run.length, run.placement, run.min_gap, truncate
     )
-    evaluate = jax.jit(common.adding_mse)
+    evaluate = jax.jit(adding.adding_mse)
     data_key = jax.random.key(run.seed + 1)  # the same batches for every method
     rows, losses = [], []
 
     def record(step, start):
         train_mse = float(np.mean(losses)) if losses else math.nan
         eval_mse = float(evaluate(params, *eval_data))
-        rows.append(
-            common.AddingRow(step, method, train_mse, eval_mse, time.perf_counter() - start)
-        )
+        rows.append(AddingRow(step, method, train_mse, eval_mse, time.perf_counter() - start))
         table.append(rows[-1:])
         losses.clear()
 
     start = time.perf_counter()
     record(0, start)
-    for step in common.progress(range(1, run.steps + 1), total=run.steps, desc=method):
+    for step in _cli.progress(range(1, run.steps + 1), total=run.steps, desc=method):
         params, opt_state, loss = train_step(params, opt_state, jax.random.fold_in(data_key, step))
         losses.append(loss)
         if step % run.eval_every == 0 or step == run.steps:
@@ -180,7 +193,7 @@ def report(run: Run, curves, constant_mse: float, floor: float) -> None:
 
 
 def plot(curves, run: Run, floor: float, path: str) -> str:
-    fig, ax = common.pyplot().subplots(figsize=(8, 4.8))
+    fig, ax = _cli.pyplot().subplots(figsize=(8, 4.8))
     for (method, rows), color in zip(curves.items(), ("C0", "C3"), strict=False):
         steps = [r.step for r in rows]
         ax.semilogy(steps, [r.eval_mse for r in rows], color=color, label=f"{method}, held-out")
@@ -209,21 +222,21 @@ def plot(curves, run: Run, floor: float, path: str) -> str:
     )
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    return common.save_figure(fig, path)
+    return _cli.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
     run, out = parse_run(argv)
-    params0 = common.adding_params(
+    params0 = adding.adding_params(
         jax.random.key(run.seed), run.hidden, run.length, run.init, run.marker_weights
     )
-    eval_data = common.adding_eval_batch(
+    eval_data = adding.adding_eval_batch(
         run.seed, run.eval_batch, run.length, run.placement, run.min_gap
     )
     constant_mse = float(jnp.mean((eval_data[1] - 1.0) ** 2))
-    floor = common.marker_blind_floor(run.length, run.placement, run.min_gap)
+    floor = adding.marker_blind_floor(run.length, run.placement, run.min_gap)
     os.makedirs(out, exist_ok=True)
-    table = common.Table(os.path.join(out, CSV_NAME), common.AddingRow)
+    table = _table.Table(os.path.join(out, CSV_NAME), AddingRow)
     table.write([])
     curves = {}
     for method, truncate in (("full BPTT", None), (f"Truncate({run.truncate})", run.truncate)):

@@ -33,14 +33,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 
 try:  # python -m experiments.step_profile, or experiments/ is importable
-    from experiments import common
-except ImportError:  # python experiments/step_profile.py
-    import common
+    from experiments import _cli, _harness, _table
+except ImportError:  # python experiments/step_profile.py in a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import _cli, _harness, _table
 
 import bpttjax as bj
 
@@ -72,13 +74,13 @@ class ProfileRow:
 
 
 def build_parser():
-    p = common.parser(__doc__, quick="tiny sizes (smoke test)")
-    p.add_argument("--cells", type=common.comma_list(str), default=list(bj.cells.CELLS))
-    p.add_argument("--length", type=common.positive_int, default=1000)
-    p.add_argument("--batch", type=common.positive_int, default=32)
-    p.add_argument("--input", type=common.positive_int, default=64)
-    p.add_argument("--hidden", type=common.positive_int, default=256)
-    p.add_argument("--repeats", type=common.positive_int, default=7)
+    p = _cli.parser(__doc__, quick="tiny sizes (smoke test)")
+    p.add_argument("--cells", type=_cli.comma_list(str), default=list(bj.cells.CELLS))
+    p.add_argument("--length", type=_cli.positive_int, default=1000)
+    p.add_argument("--batch", type=_cli.positive_int, default=32)
+    p.add_argument("--input", type=_cli.positive_int, default=64)
+    p.add_argument("--hidden", type=_cli.positive_int, default=256)
+    p.add_argument("--repeats", type=_cli.positive_int, default=7)
     return p
 
 
@@ -154,7 +156,7 @@ def _torch_call(cell: str, T: int, B: int, D: int, H: int):
 def profile(cell: str, args, backend: str) -> list[ProfileRow]:
     T, B, D, H = args.length, args.batch, args.input, args.hidden
     parts = calls(cell, T, B, D, H)
-    times = common.time_rounds(parts, args.repeats)
+    times = _harness.time_rounds(parts, args.repeats)
     ms = {}
     for name, ts in times.items():
         if isinstance(ts, BaseException):
@@ -170,14 +172,14 @@ def profile(cell: str, args, backend: str) -> list[ProfileRow]:
 
 
 def main(argv=None) -> None:
-    args = common.parse(build_parser(), argv, QUICK)
+    args = _cli.parse(build_parser(), argv, QUICK)
     for cell in args.cells:
         bj.cells.get(cell)  # a clear error for an unknown name, before any work
     os.makedirs(args.out, exist_ok=True)
-    table = common.Table(os.path.join(args.out, CSV_NAME), ProfileRow)
+    table = _table.Table(os.path.join(args.out, CSV_NAME), ProfileRow)
     backend = jax.default_backend()
     rows = []
-    for cell in common.progress(args.cells, desc="cells"):
+    for cell in _cli.progress(args.cells, desc="cells"):
         new = profile(cell, args, backend)
         same = (cell, new[0].length, new[0].batch, new[0].hidden)
         table.drop(lambda r, same=same: (r.cell, r.length, r.batch, r.hidden) == same)

@@ -5,7 +5,7 @@ model and argues that regular truncation is biased (it ignores dependencies
 longer than ``k`` steps) but has low variance, while randomized truncation
 (the ``ξ_t`` estimator) is unbiased but noisy, so that in practice it is no
 better than regular truncation. This script measures both claims on the
-character language model of ``char_lm.py`` (``common.CharModel``):
+character language model of ``char_lm.py`` (``tasks.char_lm.CharModel``):
 
 (a) At one fixed parameter point (the model after ``--pretrain-steps`` steps
     of full-BPTT training) and one fixed minibatch of ``--length``
@@ -23,7 +23,7 @@ Writes ``gradient_bias.csv``, ``gradient_mean.csv``, ``training.csv`` (plus
 one CSV and checkpoint per training run, resumed when run again) and
 ``truncation.png`` under ``--out``.
 
-    python experiments/truncation.py            # a few minutes on a laptop CPU
+    python experiments/truncation.py            # the study of the docs page
     python experiments/truncation.py --quick    # seconds; used by the tests
 """
 
@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import sys
 import time
 
 import jax
@@ -40,10 +41,17 @@ import jax.numpy as jnp
 import numpy as np
 
 try:  # python -m experiments.truncation, or experiments/ is importable
-    from experiments import common
-except ImportError:  # python experiments/truncation.py
-    import common
+    from experiments import _cli, _table
+    from experiments.tasks import char_lm as char_lm_task
+    from experiments.tasks import corpus
+except ImportError:  # python experiments/truncation.py in a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from experiments import _cli, _table
+    from experiments.tasks import char_lm as char_lm_task
+    from experiments.tasks import corpus
 
+CSV_NAMES = ("gradient_bias", "gradient_mean", "training")
+PNG_NAME = "truncation.png"
 QUICK = dict(
     hidden=32, batch=8, length=30, ks="1,5,10", probs="0.5,0.9", samples=30,
     pretrain_steps=40, train_steps=40, eval_every=20, train_k=5, max_chars=60_000,
@@ -51,31 +59,68 @@ QUICK = dict(
 """``--quick`` defaults (seconds); options given explicitly still win."""
 
 
+@dataclasses.dataclass(frozen=True)
+class BiasRow:
+    """``gradient_bias.csv``: one truncation's gradient against full BPTT's."""
+
+    strategy: str
+    k_or_pi: int | float
+    mean_window: int | float
+    samples: int
+    rel_error: float
+    cosine: float
+    rel_error_of_mean: float
+    rel_error_std: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanRow:
+    """``gradient_mean.csv``: error of the mean of ``n`` RandomTruncate(pi) gradients."""
+
+    pi: float
+    n: int
+    rel_error_of_mean: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRow:
+    """``training.csv`` of ``truncation.py``: an :class:`EvalRow` and its strategy."""
+
+    strategy: str
+    step: int
+    train_perplexity: float
+    val_perplexity: float
+    seconds: float
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = common.parser(
+    p = _cli.parser(
         __doc__,
         quick="tiny model and corpus: seconds",
         fresh="ignore existing checkpoints",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    probability = common.float_in(0, 1)
+    probability = _cli.float_in(0, 1)
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: stdlib docs)")
-    p.add_argument("--max-chars", type=common.non_negative_int, default=0, help="0: all")
-    common.add_cell_option(p, "gru")
-    p.add_argument("--hidden", type=common.positive_int, default=128)
-    p.add_argument("--batch", type=common.positive_int, default=32)
-    p.add_argument("--length", type=common.int_at_least(2), default=100, help="BPTT length T")
-    p.add_argument("--ks", type=common.comma_list(common.positive_int), default="1,2,5,10,20,50")
-    p.add_argument("--probs", type=common.comma_list(probability), default="0.5,0.8,0.9,0.95")
-    p.add_argument("--samples", type=common.positive_int, default=200, help="ξ draws per π")
-    p.add_argument("--pretrain-steps", type=common.positive_int, default=500)
-    p.add_argument("--train-steps", type=common.positive_int, default=1000)
-    p.add_argument("--train-k", type=common.positive_int, default=10, help="Truncate(k) trained")
+    p.add_argument("--max-chars", type=_cli.non_negative_int, default=0, help="0: all")
+    _cli.add_cell_option(p, "gru")
+    p.add_argument("--hidden", type=_cli.positive_int, default=128)
+    p.add_argument("--batch", type=_cli.positive_int, default=32)
+    p.add_argument("--length", type=_cli.int_at_least(2), default=100, help="BPTT length T")
+    p.add_argument("--ks", type=_cli.comma_list(_cli.positive_int), default="1,2,5,10,20,50")
+    p.add_argument("--probs", type=_cli.comma_list(probability), default="0.5,0.8,0.9,0.95")
+    p.add_argument("--samples", type=_cli.positive_int, default=200, help="ξ draws per π")
+    p.add_argument("--pretrain-steps", type=_cli.positive_int, default=500)
+    p.add_argument("--train-steps", type=_cli.positive_int, default=1000)
+    p.add_argument("--train-k", type=_cli.positive_int, default=10, help="Truncate(k) trained")
     p.add_argument("--train-prob", type=probability, default=0.9, help="RandomTruncate π trained")
-    p.add_argument("--lr", type=common.positive_float, default=3e-3)
-    p.add_argument("--clip", type=common.positive_float, default=1.0)
-    p.add_argument("--eval-every", type=common.positive_int, default=50)
-    p.add_argument("--seed", type=common.non_negative_int, default=0)
+    p.add_argument("--lr", type=_cli.positive_float, default=3e-3)
+    p.add_argument("--clip", type=_cli.positive_float, default=1.0)
+    p.add_argument("--eval-every", type=_cli.positive_int, default=50)
+    p.add_argument("--seed", type=_cli.non_negative_int, default=0)
+    p.add_argument(
+        "--plot-only", action="store_true", help="redraw the figure from the CSVs under --out"
+    )
     return p
 
 
@@ -83,13 +128,13 @@ def _flat(tree) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-def make_grad_fn(model: common.CharModel, params, X, Y):
+def make_grad_fn(model: char_lm_task.CharModel, params, X, Y):
     """``grad(truncation spec, key) -> flat gradient`` at ``params`` on one fixed minibatch."""
     carry0 = model.initial_carry(X.shape[0])
 
     @functools.partial(jax.jit, static_argnums=0)
     def grad(spec: str, key):
-        truncation = common.truncation_from_spec(spec, key)
+        truncation = char_lm_task.truncation_from_spec(spec, key)
         g, _ = jax.grad(model.loss, has_aux=True)(params, carry0, X, Y, truncation=truncation)
         return _flat(g)
 
@@ -97,7 +142,7 @@ def make_grad_fn(model: common.CharModel, params, X, Y):
 
 
 def gradient_bias(grad, ks, probs, samples: int, seed: int):
-    """Part (a): a :class:`~common.BiasRow` per strategy and each π's running-mean curve."""
+    """Part (a): a :class:`~BiasRow` per strategy and each π's running-mean curve."""
     g_full = np.asarray(grad("full", jax.random.key(0)), dtype=np.float64)
     norm = float(np.linalg.norm(g_full))
 
@@ -108,11 +153,11 @@ def gradient_bias(grad, ks, probs, samples: int, seed: int):
     rows = []
     for k in ks:
         rel, cos = compare(np.asarray(grad(f"truncate:{k}", jax.random.key(0)), np.float64))
-        rows.append(common.BiasRow(f"Truncate({k})", k, k, 1, rel, cos, rel, 0.0))
+        rows.append(BiasRow(f"Truncate({k})", k, k, 1, rel, cos, rel, 0.0))
     draws = {p: [] for p in probs}
     jobs = [(p, s) for p in probs for s in range(samples)]
     base = jax.random.key(seed)
-    for p, s in common.progress(jobs, total=len(jobs), desc="gradient samples"):
+    for p, s in _cli.progress(jobs, total=len(jobs), desc="gradient samples"):
         key = jax.random.fold_in(jax.random.fold_in(base, int(round(p * 1e6))), s)
         draws[p].append(np.asarray(grad(f"random:{p}", key), dtype=np.float64))
     curves = {}
@@ -121,7 +166,7 @@ def gradient_bias(grad, ks, probs, samples: int, seed: int):
         running = np.cumsum(gs, axis=0) / np.arange(1, len(gs) + 1)[:, None]
         curves[p] = np.linalg.norm(running - g_full, axis=1) / norm
         rows.append(
-            common.BiasRow(
+            BiasRow(
                 f"RandomTruncate({p})",
                 p,
                 1 / (1 - p),
@@ -135,7 +180,7 @@ def gradient_bias(grad, ks, probs, samples: int, seed: int):
     return rows, curves, norm
 
 
-def train_runs(base, train_k, train_prob, **kw) -> dict[str, list[common.EvalRow]]:
+def train_runs(base, train_k, train_prob, **kw) -> dict[str, list[char_lm_task.EvalRow]]:
     """Part (b): full BPTT, ``Truncate(k)`` and ``RandomTruncate(π)`` from the same start."""
     runs = {
         "full BPTT": "full",
@@ -146,7 +191,7 @@ def train_runs(base, train_k, train_prob, **kw) -> dict[str, list[common.EvalRow
     for label, spec in runs.items():
         cfg = dataclasses.replace(base, truncation=spec)
         name = "train_" + spec.replace(":", "_")
-        training[label] = common.train_char_lm(cfg, name=name, **kw).rows
+        training[label] = char_lm_task.train_char_lm(cfg, name=name, **kw).rows
     return training
 
 
@@ -173,47 +218,75 @@ def report(rows, training, steps: tuple[int, int], length, g_norm, seconds) -> N
         )
 
 
-def _plot_bias(ax, rows, length: int) -> None:
+FULL_COLOR, TRUNCATE_COLOR = "black", "C0"
+"""Full BPTT and ``Truncate(k)`` keep their colour in every panel; each ``π`` of
+``RandomTruncate(π)`` gets its own (:func:`pi_colors`)."""
+
+
+def pi_colors(probs) -> dict[float, str]:
+    """One colour per ``π``, the same in every panel."""
+    return {p: f"C{i + 1}" for i, p in enumerate(sorted(set(probs)))}
+
+
+def _pi_of(label: str) -> float | None:
+    """``π`` of a ``RandomTruncate(π)`` label (None for any other)."""
+    if label.startswith("RandomTruncate(") and label.endswith(")"):
+        return float(label[len("RandomTruncate(") : -1])
+    return None
+
+
+def _plot_bias(ax, rows, length: int, colors) -> None:
     trunc = [r for r in rows if r.samples == 1 and r.k_or_pi < length]
     ax.semilogy(
-        [r.k_or_pi for r in trunc], [r.rel_error for r in trunc], "o-",
+        [r.k_or_pi for r in trunc], [r.rel_error for r in trunc], "o-", color=TRUNCATE_COLOR,
         label=f"Truncate(k) (k = T = {length}: exact)",
     )  # fmt: skip
     for r in rows:
         if r.samples > 1:
-            ax.semilogy([r.mean_window], [r.rel_error], "s", label=f"{r.strategy}, one draw")
+            ax.semilogy(
+                [r.mean_window], [r.rel_error], "s", color=colors[r.k_or_pi],
+                label=f"{r.strategy}, one draw",
+            )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("k (Truncate) or mean kept window 1/(1-π) (RandomTruncate)")
     ax.set_ylabel("‖g − g_full‖ / ‖g_full‖")
-    ax.set_title("(a) error of one gradient")
+    ax.set_title("(a1) bias: error of one gradient")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 
 
-def _plot_means(ax, rows, curves, length: int) -> None:
+def _plot_means(ax, rows, curves, length: int, colors) -> None:
     for p, c in curves.items():
-        ax.loglog(np.arange(1, len(c) + 1), c, label=f"RandomTruncate({p}): mean of n draws")
+        ax.loglog(
+            np.arange(1, len(c) + 1), c, color=colors[p],
+            label=f"RandomTruncate({p}): mean of n draws",
+        )  # fmt: skip
     first = next(iter(curves.values()))
     n = np.arange(1, len(first) + 1)
     ax.loglog(n, first[0] / np.sqrt(n), "k--", lw=0.8, label="∝ 1/√n")
     for r in rows:
         if r.samples == 1 and r.k_or_pi < length:
-            ax.axhline(r.rel_error, ls=":", color="gray")
+            ax.axhline(r.rel_error, ls=":", color=TRUNCATE_COLOR, alpha=0.6)
             ax.annotate(f"k={r.k_or_pi}", (1, r.rel_error), fontsize=7, va="bottom")
     ax.set_xlabel("n (independent ξ draws averaged)")
     ax.set_ylabel("relative error of the mean")
-    ax.set_title("(a) unbiased: the mean converges (dotted: Truncate(k))")
+    ax.set_title("(a2) unbiased: the mean converges (dotted: Truncate(k))")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 
 
-def _plot_training(ax, training, length: int) -> None:
+def _plot_training(ax, training, length: int, colors) -> None:
     import matplotlib.ticker
 
-    for i, (label, rs) in enumerate(training.items()):
+    for label, rs in training.items():
+        pi = _pi_of(label)
+        if pi is not None:
+            color = colors[pi]
+        else:
+            color = TRUNCATE_COLOR if label.startswith("Truncate(") else FULL_COLOR
         steps = [r.step for r in rs]
-        ax.plot(steps, [r.val_perplexity for r in rs], color=f"C{i}", label=label)
-        ax.plot(steps, [r.train_perplexity for r in rs], "--", color=f"C{i}", alpha=0.5)
+        ax.plot(steps, [r.val_perplexity for r in rs], color=color, label=label)
+        ax.plot(steps, [r.train_perplexity for r in rs], "--", color=color, alpha=0.5)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
@@ -224,28 +297,51 @@ def _plot_training(ax, training, length: int) -> None:
     ax.legend(fontsize=8)
 
 
-def plot(rows, curves, training, base: common.CharConfig, path: str) -> str:
-    fig, (ax1, ax2, ax3) = common.pyplot().subplots(1, 3, figsize=(16, 4.5))
-    _plot_bias(ax1, rows, base.num_steps)
-    _plot_means(ax2, rows, curves, base.num_steps)
-    _plot_training(ax3, training, base.num_steps)
+def plot(rows, curves, training, base: char_lm_task.CharConfig, path: str) -> str:
+    """Part (a) in two panels, (a1) and (a2); part (b) in the third."""
+    probs = [*curves, *(p for p in map(_pi_of, training) if p is not None)]
+    colors = pi_colors(probs)
+    fig, (ax1, ax2, ax3) = _cli.pyplot().subplots(1, 3, figsize=(16, 4.5))
+    _plot_bias(ax1, rows, base.num_steps, colors)
+    _plot_means(ax2, rows, curves, base.num_steps, colors)
+    _plot_training(ax3, training, base.num_steps, colors)
     fig.suptitle(
         f"character LM ({base.cell}, hidden {base.hidden}, batch {base.batch}), "
         f"{jax.default_backend()}"
     )
-    return common.save_figure(fig, path)
+    return _cli.save_figure(fig, path)
+
+
+def plot_only(base: char_lm_task.CharConfig, out: str) -> str:
+    """``--plot-only``: the figure from the CSVs a run wrote under ``out``."""
+    paths = {name: os.path.join(out, f"{name}.csv") for name in CSV_NAMES}
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"no results at {', '.join(missing)}: run the study first")
+    rows = _table.Table(paths["gradient_bias"], BiasRow).read()
+    curves = {}
+    for r in _table.Table(paths["gradient_mean"], MeanRow).read():
+        curves.setdefault(r.pi, []).append((r.n, r.rel_error_of_mean))
+    curves = {p: np.array([e for _, e in sorted(c)]) for p, c in curves.items()}
+    training = {}
+    for r in _table.Table(paths["training"], TrainingRow).read():
+        training.setdefault(r.strategy, []).append(r)
+    return plot(rows, curves, training, base, os.path.join(out, PNG_NAME))
 
 
 def main(argv=None) -> None:
     p = build_parser()
-    args = common.parse(p, argv, QUICK)
+    args = _cli.parse(p, argv, QUICK)
     try:
-        text = common.load_text(args.corpus, args.max_chars)
-        base = common.CharConfig(
+        base = char_lm_task.CharConfig(
             cell=args.cell, hidden=args.hidden, batch=args.batch, num_steps=args.length,
             lr=args.lr, clip=args.clip, seed=args.seed, corpus=args.corpus,
             max_chars=args.max_chars,
         )  # fmt: skip
+        if args.plot_only:
+            print(f"wrote {plot_only(base, args.out)}")
+            return
+        text = corpus.load_text(args.corpus, args.max_chars)
     except (OSError, ValueError) as e:
         p.error(str(e))
     out = args.out
@@ -258,11 +354,11 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     kw = dict(out=out, fresh=args.fresh, text=text)
     eval_every = min(args.eval_every, args.pretrain_steps)
-    fixed = common.train_char_lm(
+    fixed = char_lm_task.train_char_lm(
         base, steps=args.pretrain_steps, name="pretrained", eval_every=eval_every, **kw
     )
-    train_tokens, _ = common.split_tokens(fixed.vocab.encode(text))
-    X, Y, _ = common.minibatch(
+    train_tokens, _ = corpus.split_tokens(fixed.vocab.encode(text))
+    X, Y, _ = corpus.minibatch(
         train_tokens, 10**6, batch=args.batch, num_steps=args.length, partition="random",
         seed=args.seed + 1,
     )  # fmt: skip
@@ -270,23 +366,19 @@ def main(argv=None) -> None:
     ks = [k for k in args.ks if k < args.length] + [args.length]  # k = T is full BPTT
     rows, curves, g_norm = gradient_bias(grad, ks, args.probs, args.samples, args.seed)
     bias_seconds = time.perf_counter() - t0
-    common.Table(os.path.join(out, "gradient_bias.csv"), common.BiasRow).write(rows)
-    means = [
-        common.MeanRow(p, n + 1, float(c[n])) for p, c in curves.items() for n in range(len(c))
-    ]
-    common.Table(os.path.join(out, "gradient_mean.csv"), common.MeanRow).write(means)
+    _table.Table(os.path.join(out, "gradient_bias.csv"), BiasRow).write(rows)
+    means = [MeanRow(p, n + 1, float(c[n])) for p, c in curves.items() for n in range(len(c))]
+    _table.Table(os.path.join(out, "gradient_mean.csv"), MeanRow).write(means)
     # (b) training curves from the same initialization and minibatches
     training = train_runs(
         base, args.train_k, args.train_prob, steps=args.train_steps, eval_every=args.eval_every,
         **kw,
     )  # fmt: skip
     lines = [
-        common.TrainingRow(label, *dataclasses.astuple(r))
-        for label, rs in training.items()
-        for r in rs
+        TrainingRow(label, *dataclasses.astuple(r)) for label, rs in training.items() for r in rs
     ]
-    common.Table(os.path.join(out, "training.csv"), common.TrainingRow).write(lines)
-    png = plot(rows, curves, training, base, os.path.join(out, "truncation.png"))
+    _table.Table(os.path.join(out, "training.csv"), TrainingRow).write(lines)
+    png = plot(rows, curves, training, base, os.path.join(out, PNG_NAME))
     steps = (args.pretrain_steps, args.train_steps)
     report(rows, training, steps, args.length, g_norm, bias_seconds)
     print(f"wrote {out}/gradient_bias.csv, gradient_mean.csv, training.csv, {png}")

@@ -8,6 +8,7 @@ import functools
 import math
 import random
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,6 @@ from helpers import CELLS, assert_trees_close
 import bpttjax as bj
 from bpttjax.remat import _binomial
 from bpttjax.remat import _revolve as _engine
-from experiments import common
 
 # --- the schedule: an independent dynamic program -------------------------------------------
 
@@ -200,12 +200,12 @@ def test_evaluation_order_is_the_recursive_schedule(T, s, reverse):
 
 
 def rnn_grad(remat, T, B=4, D=3, H=8):
-    params, xs = common.abstract_inputs("rnn", T, B, D, H, jnp.float32)
-    return jax.grad(functools.partial(common.loss, cell="rnn", remat=remat)), (params, xs)
+    params, xs = helpers.abstract_inputs("rnn", T, B, D, H, jnp.float32)
+    return jax.grad(functools.partial(helpers.model_loss, cell="rnn", remat=remat)), (params, xs)
 
 
 def test_memory_is_snapshots_times_carry_and_independent_of_length():
-    C = common.carry_bytes("rnn", 16, 32, jnp.float32)
+    C = helpers.carry_bytes("rnn", 16, 32, jnp.float32)
     temp = {}
     for T in (100, 10_000):
         for s in (2, 10, 40):
@@ -237,10 +237,10 @@ def test_predictions_within_10_percent(cell):
     B, D, H = 32, 64, 256
 
     def build(T, remat=None):
-        params, xs = common.abstract_inputs(cell, T, B, D, H, jnp.float32)
-        return jax.grad(functools.partial(common.loss, cell=cell, remat=remat)), (params, xs)
+        params, xs = helpers.abstract_inputs(cell, T, B, D, H, jnp.float32)
+        return jax.grad(functools.partial(helpers.model_loss, cell=cell, remat=remat)), (params, xs)
 
-    costs = bj.memory.step_costs(build, common.carry_bytes(cell, B, H, jnp.float32))
+    costs = bj.memory.step_costs(build, helpers.carry_bytes(cell, B, H, jnp.float32))
     for T in (1_000, 10_000):
         for s in (2, 14, 40):
             fn, args = build(T, bj.Binomial(s))
@@ -276,14 +276,12 @@ def test_the_pulled_back_state_stays_live():
     """Without ``_live_until``, XLA gives the GRU's state buffer to its cotangent
     (the backward loop then runs the two products in turn); with it, the state
     is live until the cotangent exists: one carry more working memory."""
-    p = common.Problem("gru", 50, 32, 64, 256, "float32")
-    xs = jax.ShapeDtypeStruct((50, 32, 64), jnp.float32)
-    carry = common.carry_bytes("gru", 32, 256, "float32")
+    params, xs = helpers.abstract_inputs("gru", 50, 32, 64, 256, jnp.float32)
+    carry = helpers.carry_bytes("gru", 32, 256, "float32")
 
     def temp():  # a new function each time, so that nothing traced is reused
-        grad_fn, make_params = common.model_method(remat=bj.Binomial(5))(p)
-        params = jax.eval_shape(make_params, jax.random.key(0))
-        return bj.memory.measure(grad_fn, params, xs).temp_bytes
+        loss = functools.partial(helpers.model_loss, cell="gru", remat=bj.Binomial(5))
+        return bj.memory.measure(jax.grad(loss), params, xs).temp_bytes
 
     kept = temp()
     with pytest.MonkeyPatch.context() as patch:
@@ -444,15 +442,15 @@ def test_overlap_changes_neither_values_nor_counts(cell="lstm"):
     """``overlap`` only orders the backward pass's work; gradients and counts are equal."""
     assert repr(bj.Binomial(4, overlap=False)) == "Binomial(snapshots=4, overlap=False)"
     assert repr(bj.Binomial(4)) == "Binomial(snapshots=4)"
-    params = common.init_model(jax.random.key(0), cell, 3, 5, jnp.float64)
+    params = helpers.init_model(jax.random.key(0), cell, 3, 5, jnp.float64)
     xs = jax.random.normal(jax.random.key(1), (41, 2, 3), jnp.float64)
     grads = {
-        overlap: jax.grad(functools.partial(common.loss, cell=cell, remat=bj.Binomial(4, overlap)))(
-            params, xs
-        )
+        overlap: jax.grad(
+            functools.partial(helpers.model_loss, cell=cell, remat=bj.Binomial(4, overlap))
+        )(params, xs)
         for overlap in (True, False)
     }
-    want = jax.grad(functools.partial(common.loss, cell=cell))(params, xs)
+    want = jax.grad(functools.partial(helpers.model_loss, cell=cell))(params, xs)
     for got in grads.values():
         assert_trees_close(got, want)
     counter, t = Counter(), jnp.arange(41, dtype=jnp.float64)

@@ -5,6 +5,7 @@ import functools
 import math
 import re
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,6 @@ from helpers import CELLS
 
 import bpttjax as bj
 from bpttjax import _probe
-from experiments import budget_promise, common
 
 B, D, H = 32, 64, 256
 
@@ -62,15 +62,15 @@ def test_sizes_out_of_range_are_value_errors(text):
 
 
 def problem(cell, T):
-    params = common.init_model(jax.random.key(0), cell, D, H)
+    params = helpers.init_model(jax.random.key(0), cell, D, H)
     xs = jnp.zeros((T, B, D), jnp.float32)
     h0 = bj.cells.initial_carry(cell, H, (B,), dtype=jnp.float32)
     return params, xs, h0
 
 
 def measured(cell, T, remat):
-    params, xs = common.abstract_inputs(cell, T, B, D, H, jnp.float32)
-    fn = jax.grad(functools.partial(common.loss, cell=cell, remat=remat))
+    params, xs = helpers.abstract_inputs(cell, T, B, D, H, jnp.float32)
+    fn = jax.grad(functools.partial(helpers.model_loss, cell=cell, remat=remat))
     return bj.memory.measure(fn, params, xs).temp_bytes
 
 
@@ -83,11 +83,11 @@ FRACTIONS = (0.01, 0.3, 1.01)
 in docs/budget (experiments/budget_promise.py) has 1% to 120% in seven steps."""
 
 
-grid_step = budget_promise.step_for  # the script's losses and measurement: one definition
+grid_step = helpers.grid_step  # the script's losses, kept equal to these by its test
 
 
 def grid_temp(cell, loss, remat, params, xs):
-    return budget_promise.grad_temp(cell, loss, remat, params, xs, GH)
+    return helpers.grid_temp(cell, loss, remat, params, xs, GH)
 
 
 @pytest.mark.slow
@@ -179,7 +179,7 @@ def test_tiny_budgets_are_kept_and_the_least_named_works(T):
 
 def test_plan_is_readable_and_follows_the_order():
     params, xs, h0 = problem("rnn", 200)
-    step = common.make_step("rnn", params)
+    step = helpers.make_step("rnn", params)
     plain = bj.Budget("100GB").plan(step, h0, xs)
     assert plain.strategy == bj.StoreAll() and plain.recomputed_steps == 0
     assert plain.snapshots is None
@@ -227,7 +227,7 @@ def test_a_model_that_misses_is_corrected_by_compiling_the_choice(monkeypatch):
     Binomial exceeded its budget; the compiled check chooses again with the miss."""
     cell, T = "gru", 1000
     params, xs, h0 = problem(cell, T)
-    step = common.make_step(cell, params)
+    step = helpers.make_step(cell, params)
     budget = bj.Budget(3_000_000)
     honest = budget.plan(step, h0, xs)
     assert honest.measured_bytes <= budget.bytes
@@ -249,7 +249,7 @@ def test_a_budget_the_check_keeps_missing_is_refused(monkeypatch):
     """When every compiled check misses, the least-memory candidates are compiled
     and the error names the least budget XLA measured."""
     params, xs, h0 = problem("rnn", 300)
-    step = common.make_step("rnn", params)
+    step = helpers.make_step("rnn", params)
     budget = bj.Budget(3_000_000)
     monkeypatch.setattr(_probe, "scan_temp", lambda *args, **kw: budget.bytes + 1)
     with pytest.raises(bj.budget.BudgetTooSmallError, match="StoreAll.*at a measured") as err:
@@ -268,7 +268,7 @@ def test_a_budget_the_check_keeps_missing_is_refused(monkeypatch):
 def test_binomial_1_is_compiled_when_the_model_says_nothing_fits(monkeypatch):
     """The least budget is XLA's figure for Binomial(1), not the model's."""
     params, xs, h0 = problem("rnn", 300)
-    step = common.make_step("rnn", params)
+    step = helpers.make_step("rnn", params)
     outputs = _probe.output_bytes(step, h0, xs, 300)
     one = _probe.scan_temp(step, h0, xs, 300, bj.Binomial(1)) + outputs
     missing(monkeypatch, -10 * one)  # a model that predicts far too much
@@ -281,7 +281,7 @@ def test_binomial_1_is_compiled_when_the_model_says_nothing_fits(monkeypatch):
 
 def test_policy_is_chosen_between_store_all_and_every_step():
     params, xs, h0 = problem("lstm", 300)
-    step = common.make_step("lstm", params)
+    step = helpers.make_step("lstm", params)
     plain = bj.Budget("100GB").plan(step, h0, xs)
     policy = jax.checkpoint_policies.save_only_these_names("hidden_projection")
     plan = bj.Budget(int(0.75 * plain.temp_bytes), policies=(policy,)).plan(step, h0, xs)
@@ -294,7 +294,7 @@ def test_policy_is_chosen_between_store_all_and_every_step():
 
 def test_too_small_budget_names_the_smallest_that_works():
     params, xs, h0 = problem("gru", 50)
-    step = common.make_step("gru", params)
+    step = helpers.make_step("gru", params)
     with pytest.raises(ValueError, match=r"too small.*Budget\(\d+\) would work") as err:
         bj.Budget(1000).plan(step, h0, xs)
     assert type(err.value) is bj.budget.BudgetTooSmallError  # public, not a private class

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import math
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,6 @@ from hypothesis import strategies as st
 
 import bpttjax as bj
 from bpttjax.remat import _binomial
-from experiments import common
 
 POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -30,14 +30,14 @@ POLICIES = {
 
 
 def cell_problem(cell, T, batch, hidden, input_size=3, seed=0):
-    params = common.init_model(jax.random.key(seed), cell, input_size, hidden, jnp.float64)
+    params = helpers.init_model(jax.random.key(seed), cell, input_size, hidden, jnp.float64)
     rng = np.random.default_rng(seed)
     xs = jnp.asarray(rng.standard_normal((T, *batch, input_size)))
     return params, xs
 
 
 def cell_loss(params, h0, xs, *, cell, remat, reverse=False, truncation=None):
-    step = common.make_step(cell, params)
+    step = helpers.make_step(cell, params)
     carry, losses = bj.scan(step, h0, xs, reverse=reverse, remat=remat, truncation=truncation)
     return jnp.sum(losses * jnp.cos(jnp.arange(losses.shape[0]))) + sum(
         jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(carry)
@@ -50,7 +50,7 @@ def check_against_store_all(cell, T, batch, hidden, remat, reverse=False, trunca
         lambda a: a + 0.1, bj.cells.initial_carry(cell, hidden, batch, dtype=jnp.float64)
     )
     kw = dict(cell=cell, reverse=reverse, truncation=truncation)
-    step = common.make_step(cell, params)
+    step = helpers.make_step(cell, params)
     fwd = bj.scan(step, h0, xs, reverse=reverse, remat=remat)
     # equal up to XLA compiling the loops differently (a last-bit difference)
     jax.tree.map(
@@ -232,8 +232,8 @@ def test_level_lengths_cover_the_sequence():
 
 
 def hlo_size(remat, T):
-    params, xs = common.abstract_inputs("rnn", T, 2, 3, 4, jnp.float32)
-    fn = jax.grad(functools.partial(common.loss, cell="rnn", remat=remat))
+    params, xs = helpers.abstract_inputs("rnn", T, 2, 3, 4, jnp.float32)
+    fn = jax.grad(functools.partial(helpers.model_loss, cell="rnn", remat=remat))
     text = jax.jit(fn).lower(params, xs).compile().as_text()
     return sum(1 for line in text.splitlines() if " = " in line)
 
@@ -255,8 +255,8 @@ def test_compiled_program_does_not_grow_with_length(remat):
 
 
 def test_measure_reports_bytes():
-    params, xs = common.abstract_inputs("rnn", 50, 2, 3, 4, jnp.float32)
-    rep = bj.memory.measure(jax.grad(functools.partial(common.loss, cell="rnn")), params, xs)
+    params, xs = helpers.abstract_inputs("rnn", 50, 2, 3, 4, jnp.float32)
+    rep = bj.memory.measure(jax.grad(functools.partial(helpers.model_loss, cell="rnn")), params, xs)
     assert rep.temp_bytes > 0
     assert rep.argument_bytes == bj.memory.tree_bytes((params, xs))
     assert bj.memory.tree_bytes(params) <= rep.output_bytes < 2 * bj.memory.tree_bytes(params)
@@ -264,10 +264,10 @@ def test_measure_reports_bytes():
 
 
 def test_measure_run_and_device_peak():
-    params = common.init_model(jax.random.key(0), "rnn", 3, 4, jnp.float32)
+    params = helpers.init_model(jax.random.key(0), "rnn", 3, 4, jnp.float32)
     xs = jnp.ones((5, 2, 3), jnp.float32)
     rep = bj.memory.measure(
-        jax.grad(functools.partial(common.loss, cell="rnn")), params, xs, run=True
+        jax.grad(functools.partial(helpers.model_loss, cell="rnn")), params, xs, run=True
     )
     if jax.default_backend() == "cpu":
         assert rep.device_peak_bytes is None
@@ -283,12 +283,12 @@ def test_nested_uses_much_less_memory_than_store_all():
         ("n2", bj.Nested(2)),
         ("n3", bj.Nested(3)),
     ]:
-        params, xs = common.abstract_inputs("rnn", 2000, 8, 16, 64, jnp.float32)
-        fn = jax.grad(functools.partial(common.loss, cell="rnn", remat=remat))
+        params, xs = helpers.abstract_inputs("rnn", 2000, 8, 16, 64, jnp.float32)
+        fn = jax.grad(functools.partial(helpers.model_loss, cell="rnn", remat=remat))
         temps[name] = bj.memory.measure(fn, params, xs).temp_bytes
     assert temps["n3"] < temps["n2"] < temps["every"] < temps["all"]
     assert temps["n2"] < 0.1 * temps["all"]
-    fn = jax.grad(functools.partial(common.loss, cell="rnn", remat=bj.Binomial(8)))
+    fn = jax.grad(functools.partial(helpers.model_loss, cell="rnn", remat=bj.Binomial(8)))
     assert bj.memory.measure(fn, params, xs).temp_bytes < temps["n3"]
 
 
@@ -298,11 +298,11 @@ def test_predictions_within_25_percent(cell):
     B, D, H = 32, 64, 256
 
     def build(T, remat=None):
-        params, xs = common.abstract_inputs(cell, T, B, D, H, jnp.float32)
-        fn = jax.grad(functools.partial(common.loss, cell=cell, remat=remat))
+        params, xs = helpers.abstract_inputs(cell, T, B, D, H, jnp.float32)
+        fn = jax.grad(functools.partial(helpers.model_loss, cell=cell, remat=remat))
         return fn, (params, xs)
 
-    C = common.carry_bytes(cell, B, H, jnp.float32)
+    C = helpers.carry_bytes(cell, B, H, jnp.float32)
     costs = bj.memory.step_costs(build, C)
     assert costs.residual_bytes > C  # plain BPTT keeps more than the carry per step
     for T in (1_000, 10_000):
@@ -350,9 +350,9 @@ class EveryOther(bj.RematStrategy):
 def test_a_user_written_strategy_runs_and_predicts():
     check_against_store_all("gru", 17, (2,), 3, EveryOther(), reverse=True)
     assert bj.memory.predict(EveryOther(), 10, 4, 12, 1) == 5 * 4 + 2 * 12 + 2
-    params, xs = common.abstract_inputs("rnn", 400, 8, 16, 64, jnp.float32)
-    fn = jax.grad(functools.partial(common.loss, cell="rnn", remat=EveryOther()))
-    every = jax.grad(functools.partial(common.loss, cell="rnn", remat=bj.EveryStep()))
+    params, xs = helpers.abstract_inputs("rnn", 400, 8, 16, 64, jnp.float32)
+    fn = jax.grad(functools.partial(helpers.model_loss, cell="rnn", remat=EveryOther()))
+    every = jax.grad(functools.partial(helpers.model_loss, cell="rnn", remat=bj.EveryStep()))
     assert (
         bj.memory.measure(fn, params, xs).temp_bytes
         < bj.memory.measure(every, params, xs).temp_bytes

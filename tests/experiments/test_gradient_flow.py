@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+import study
 
-from experiments import common
+from experiments._table import Table
+
+SCRIPT = study.load("gradient_flow")
 
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)  # the script's
 
@@ -11,9 +14,9 @@ RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)  # the script's
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gradient_flow")
-    common.run("gradient_flow", ["--quick", "--out", out])
-    rows = common.Table(out / "gradient_flow.csv", common.FlowRow).read()
-    powers = common.Table(out / "power_iteration.csv", common.PowerRow).read()
+    study.run("gradient_flow", ["--quick", "--out", out])
+    rows = Table(out / "gradient_flow.csv", SCRIPT.FlowRow).read()
+    powers = Table(out / "power_iteration.csv", SCRIPT.PowerRow).read()
     return out, rows, [p.abs_cosine_to_leading_eigenvector for p in powers]
 
 
@@ -50,4 +53,4 @@ def test_files_written(quick_run):
 @pytest.mark.parametrize("argv", [["--length", "1"], ["--power-steps", "x"]])
 def test_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        common.run("gradient_flow", [*argv, "--out", tmp_path])
+        study.run("gradient_flow", [*argv, "--out", tmp_path])

@@ -1,4 +1,4 @@
-"""The character language model (experiments/common.py) and experiments/char_lm.py."""
+"""The character language model (experiments/tasks/) and experiments/char_lm.py."""
 
 import dataclasses
 import re
@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import study
 from helpers import CELLS
 
 import bpttjax as bj
-from experiments import common
+from experiments._table import Table
+from experiments.tasks import char_lm as task
+from experiments.tasks import corpus
 
 
 @pytest.fixture(autouse=True)
@@ -23,14 +26,14 @@ def standard_promotion():
 
 @pytest.fixture(scope="module")
 def text():
-    return common.load_text(None, max_chars=60_000)
+    return corpus.load_text(None, max_chars=60_000)
 
 
 def test_default_corpus_is_deterministic_english_text():
-    a = common.stdlib_docstrings()
-    b = common.stdlib_docstrings()
+    a = corpus.stdlib_docstrings()
+    b = corpus.stdlib_docstrings()
     assert a == b
-    clean = common.preprocess(a)
+    clean = corpus.preprocess(a)
     assert len(clean) > 200_000
     assert re.fullmatch("[a-z ]+", clean)
     words = clean.split()
@@ -42,32 +45,32 @@ def test_default_corpus_is_deterministic_english_text():
 
 def test_preprocess_is_d2l():
     assert (
-        common.preprocess("The Time-Machine, by H. G. Wells!\n") == "the time machine by h g wells"
+        corpus.preprocess("The Time-Machine, by H. G. Wells!\n") == "the time machine by h g wells"
     )
 
 
 def test_vocab_round_trip(text):
-    vocab = common.Vocab.build(text)
+    vocab = corpus.Vocab.build(text)
     assert len(vocab) == 27  # 26 letters and the space
     assert vocab.decode(vocab.encode(text[:500])) == text[:500]
     with pytest.raises(ValueError, match="not in the vocabulary"):
         vocab.encode("abc!")
 
 
-@pytest.mark.parametrize("partition", common.PARTITIONS)
+@pytest.mark.parametrize("partition", corpus.PARTITIONS)
 def test_minibatches(partition):
     # token i at position i: every row shows where in the text it was cut
     tokens = np.arange(3001, dtype=np.int32)
     kw = dict(batch=4, num_steps=7, partition=partition, seed=3)
-    per_epoch = common.steps_per_epoch(len(tokens), 4, 7)
+    per_epoch = corpus.steps_per_epoch(len(tokens), 4, 7)
     assert per_epoch == (3001 - 7) // 28
-    batches = [common.minibatch(tokens, i, **kw) for i in range(2 * per_epoch)]
+    batches = [corpus.minibatch(tokens, i, **kw) for i in range(2 * per_epoch)]
     for X, Y, _ in batches:
         assert X.shape == Y.shape == (4, 7)
         np.testing.assert_array_equal(Y, X + 1)  # the next character
         np.testing.assert_array_equal(np.diff(X, axis=1), 1)  # contiguous text
     # deterministic: a pure function of the step (what makes resuming exact)
-    np.testing.assert_array_equal(common.minibatch(tokens, 5, **kw)[0], batches[5][0])
+    np.testing.assert_array_equal(corpus.minibatch(tokens, 5, **kw)[0], batches[5][0])
     resets = [r for _, _, r in batches]
     for epoch in range(2):
         ep = batches[epoch * per_epoch : (epoch + 1) * per_epoch]
@@ -89,7 +92,7 @@ def test_minibatches(partition):
 
 def test_minibatch_too_short():
     with pytest.raises(ValueError, match="too short"):
-        common.minibatch(
+        corpus.minibatch(
             np.zeros(50, np.int32), 0, batch=4, num_steps=20, partition="random", seed=0
         )
 
@@ -97,7 +100,7 @@ def test_minibatch_too_short():
 @pytest.mark.parametrize("cell", CELLS)
 def test_loss_is_mean_cross_entropy(cell):
     """Against a Python loop over the registered cell's steps and a log-softmax written out."""
-    model = common.CharModel(cell, vocab=11, hidden=6)
+    model = task.CharModel(cell, vocab=11, hidden=6)
     params = model.init(jax.random.key(1))
     rng = np.random.default_rng(0)
     X = jnp.asarray(rng.integers(11, size=(3, 9)), jnp.int32)
@@ -121,14 +124,14 @@ def test_loss_is_mean_cross_entropy(cell):
 
 
 def test_truncation_and_remat_in_the_model():
-    model = common.CharModel("gru", vocab=9, hidden=5)
+    model = task.CharModel("gru", vocab=9, hidden=5)
     params = model.init(jax.random.key(0))
     rng = np.random.default_rng(1)
     X, Y = (jnp.asarray(rng.integers(9, size=(2, 12)), jnp.int32) for _ in range(2))
     carry = model.initial_carry(2)
 
     def grad(spec, remat="store_all"):
-        tr = common.truncation_from_spec(spec, jax.random.key(4))
+        tr = task.truncation_from_spec(spec, jax.random.key(4))
         remat = bj.remat.from_string(remat)
         loss = lambda p: model.loss(p, carry, X, Y, truncation=tr, remat=remat)
         return np.concatenate(
@@ -140,13 +143,13 @@ def test_truncation_and_remat_in_the_model():
     np.testing.assert_allclose(grad("full", "nested:2"), full, rtol=1e-5, atol=1e-7)
     assert np.linalg.norm(grad("truncate:2") - full) > 1e-3 * np.linalg.norm(full)
     with pytest.raises(ValueError, match="truncation must be"):
-        common.truncation_from_spec("sometimes")
+        task.truncation_from_spec("sometimes")
     with pytest.raises(ValueError, match="bad truncation"):
-        common.truncation_from_spec("random:1.5")
+        task.truncation_from_spec("random:1.5")
 
 
 def _small(**kw):
-    return common.CharConfig(hidden=16, batch=8, num_steps=10, max_chars=30_000, **kw)
+    return task.CharConfig(hidden=16, batch=8, num_steps=10, max_chars=30_000, **kw)
 
 
 def test_config_reads_the_registries():
@@ -161,12 +164,12 @@ def test_training_learns_and_resumes_exactly(tmp_path, text):
     text = text[:30_000]
     cfg = _small(partition="sequential", truncation="random:0.8")
     kw = dict(name="m", eval_every=10, text=text)
-    straight = common.train_char_lm(cfg, steps=40, out=str(tmp_path / "a"), **kw)
-    common.train_char_lm(cfg, steps=20, out=str(tmp_path / "b"), **kw)
-    resumed = common.train_char_lm(cfg, steps=40, out=str(tmp_path / "b"), **kw)
+    straight = task.train_char_lm(cfg, steps=40, out=str(tmp_path / "a"), **kw)
+    task.train_char_lm(cfg, steps=20, out=str(tmp_path / "b"), **kw)
+    resumed = task.train_char_lm(cfg, steps=40, out=str(tmp_path / "b"), **kw)
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
-    rows = common.Table(tmp_path / "b" / "m.csv", common.EvalRow).read()
+    rows = Table(tmp_path / "b" / "m.csv", task.EvalRow).read()
     assert [r.step for r in rows] == [10, 20, 30, 40]
     assert rows == resumed.rows and [r.step for r in straight.rows] == [10, 20, 30, 40]
     ppl = [r.val_perplexity for r in straight.rows]
@@ -174,7 +177,7 @@ def test_training_learns_and_resumes_exactly(tmp_path, text):
     assert ppl[-1] < ppl[0]
     # another configuration must not silently overwrite or reuse the checkpoint
     with pytest.raises(ValueError, match="another configuration"):
-        common.train_char_lm(
+        task.train_char_lm(
             dataclasses.replace(cfg, lr=1e-2),
             steps=40,
             out=str(tmp_path / "b"),
@@ -183,16 +186,16 @@ def test_training_learns_and_resumes_exactly(tmp_path, text):
         )
     # nor one made from another text (the default corpus varies by Python version)
     with pytest.raises(ValueError, match="another configuration or text"):
-        common.train_char_lm(cfg, steps=40, out=str(tmp_path / "b"), name="m", text=text[::-1])
+        task.train_char_lm(cfg, steps=40, out=str(tmp_path / "b"), name="m", text=text[::-1])
 
 
 def test_predict(tmp_path, text):
-    run = common.train_char_lm(_small(), steps=1, out=str(tmp_path), name="p", text=text[:30_000])
+    run = task.train_char_lm(_small(), steps=1, out=str(tmp_path), name="p", text=text[:30_000])
     args = (run.model, run.params, run.vocab, "The Time", 25)
-    greedy = common.predict_text(*args)
+    greedy = task.predict_text(*args)
     assert greedy.startswith("the time") and len(greedy) == len("the time") + 25
-    assert greedy == common.predict_text(*args)
-    sampled = [common.predict_text(*args, temperature=1.0, seed=s) for s in range(4)]
+    assert greedy == task.predict_text(*args)
+    sampled = [task.predict_text(*args, temperature=1.0, seed=s) for s in range(4)]
     assert len(set(sampled)) > 1
     assert set("".join(sampled)) <= set(run.vocab.chars)
 
@@ -210,10 +213,10 @@ def test_predict(tmp_path, text):
     ids=["gru", "lstm-nnx-sequential", "gru-nnx-rnn"],
 )
 def test_quick_run_writes_files(tmp_path, extra, name):
-    common.run("char_lm", ["--quick", "--out", tmp_path, *extra])
+    study.run("char_lm", ["--quick", "--out", tmp_path, *extra])
     for suffix in (".csv", ".ckpt", ".png", "_sample.txt"):
         assert (tmp_path / f"{name}{suffix}").stat().st_size > 0
-    rows = common.Table(tmp_path / f"{name}.csv", common.EvalRow).read()
+    rows = Table(tmp_path / f"{name}.csv", task.EvalRow).read()
     steps = 40 if "--steps" in extra else 60  # --quick: 60 steps, evaluated every 20
     assert [r.step for r in rows] == list(range(20, steps + 1, 20))
     assert rows[-1].val_perplexity < 0.85 * 27
@@ -225,7 +228,7 @@ def test_nnx_rnn_impl_is_the_nnx_model():
     X, Y = (
         jnp.asarray(np.random.default_rng(s).integers(7, size=(2, 6)), jnp.int32) for s in (0, 1)
     )
-    models = [common.CharModel("lstm", vocab=7, hidden=5, impl=i) for i in ("nnx", "nnx-rnn")]
+    models = [task.CharModel("lstm", vocab=7, hidden=5, impl=i) for i in ("nnx", "nnx-rnn")]
     params = models[0].init(jax.random.key(0))
     carry = (jnp.full((2, 5), 0.3, jnp.float32), jnp.full((2, 5), -0.2, jnp.float32))
     results = jax.jit(lambda p: [m.loss(p, carry, X, Y) for m in models])(params)
@@ -246,13 +249,13 @@ def test_nnx_rnn_impl_is_the_nnx_model():
 )
 def test_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        common.run("char_lm", ["--quick", "--out", tmp_path, *argv])
+        study.run("char_lm", ["--quick", "--out", tmp_path, *argv])
 
 
 def test_corpus_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 ".encode("latin-1") * 500)
     with pytest.raises(SystemExit):
-        common.run("char_lm", ["--quick", "--corpus", path, "--out", tmp_path])
+        study.run("char_lm", ["--quick", "--corpus", path, "--out", tmp_path])
     with pytest.raises(ValueError, match="not UTF-8"):
-        common.load_text(str(path))
+        corpus.load_text(str(path))

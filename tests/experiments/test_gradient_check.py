@@ -1,14 +1,15 @@
 """experiments/gradient_check.py: every registered strategy against d2l's formulas."""
 
 import pytest
+import study
 
 import bpttjax as bj
-from experiments import common
+from experiments._table import Table
 
 
 def test_every_registered_strategy_matches_d2l(tmp_path, capsys):
-    common.run("gradient_check", ["--lengths", "7", "--out", tmp_path])
-    rows = common.Table(tmp_path / "gradient_check.csv", common.CheckRow).read()
+    study.run("gradient_check", ["--lengths", "7", "--out", tmp_path])
+    rows = Table(tmp_path / "gradient_check.csv", study.load("gradient_check").CheckRow).read()
     checked = {r.strategy.split("(")[0] for r in rows}
     assert checked == {cls.__name__ for cls in bj.remat.STRATEGIES.values()}
     assert len(rows) == len(bj.remat.examples())
@@ -19,4 +20,4 @@ def test_every_registered_strategy_matches_d2l(tmp_path, capsys):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
-        common.run("gradient_check", ["--lengths", "0", "--out", tmp_path])
+        study.run("gradient_check", ["--lengths", "0", "--out", tmp_path])

@@ -3,8 +3,11 @@
 import jax
 import numpy as np
 import pytest
+import study
 
-from experiments import common
+from experiments._table import Table
+
+SCRIPT = study.load("truncation")
 
 
 @pytest.fixture(scope="module")
@@ -13,10 +16,10 @@ def quick_run(tmp_path_factory):
     # optax's Adam computes ``decay ** count`` (float ** int32), which the
     # suite's strict dtype promotion rejects; the experiment is optax's user.
     with jax.numpy_dtype_promotion("standard"):
-        common.run("truncation", ["--quick", "--out", out])
-    bias = common.Table(out / "gradient_bias.csv", common.BiasRow).read()
-    means = common.Table(out / "gradient_mean.csv", common.MeanRow).read()
-    training = common.Table(out / "training.csv", common.TrainingRow).read()
+        study.run("truncation", ["--quick", "--out", out])
+    bias = Table(out / "gradient_bias.csv", SCRIPT.BiasRow).read()
+    means = Table(out / "gradient_mean.csv", SCRIPT.MeanRow).read()
+    training = Table(out / "training.csv", SCRIPT.TrainingRow).read()
     return out, bias, means, training
 
 
@@ -56,6 +59,20 @@ def test_training_curves(quick_run):
     assert (out / "truncation.png").stat().st_size > 10_000
 
 
+def test_plot_only_redraws_the_figure_from_the_csvs(quick_run, tmp_path):
+    out = quick_run[0]
+    before = {p.name: p.read_bytes() for p in out.glob("*.csv")}
+    (out / "truncation.png").unlink()
+    study.run("truncation", ["--quick", "--out", out, "--plot-only"])
+    assert (out / "truncation.png").stat().st_size > 10_000
+    assert {p.name: p.read_bytes() for p in out.glob("*.csv")} == before
+    with pytest.raises(SystemExit, match="run the study first"):
+        study.run("truncation", ["--quick", "--out", tmp_path, "--plot-only"])
+    # each strategy keeps its colour in every panel
+    colors = SCRIPT.pi_colors([0.9, 0.5, 0.9])
+    assert colors == {0.5: "C1", 0.9: "C2"} and SCRIPT.TRUNCATE_COLOR not in colors.values()
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -68,4 +85,4 @@ def test_training_curves(quick_run):
 )
 def test_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        common.run("truncation", ["--quick", "--out", tmp_path, *argv])
+        study.run("truncation", ["--quick", "--out", tmp_path, *argv])

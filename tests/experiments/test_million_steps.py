@@ -3,13 +3,12 @@
 import json
 
 import pytest
-
-from experiments import common
+import study
 
 
 @pytest.mark.parametrize("remat", ["nested:3", "every_step"])
 def test_streamed_gradient_matches_plain_bptt(tmp_path, remat, capsys):
-    common.run("million_steps", ["--quick", "--remat", remat, "--check", "--out", tmp_path])
+    study.run("million_steps", ["--quick", "--remat", remat, "--check", "--out", tmp_path])
     saved = json.loads((tmp_path / "million_steps.json").read_text())
     assert saved["max_rel_diff_to_plain"] < 1e-5  # float32 model
     assert 0 < saved["remat_temp_bytes"] < saved["plain_temp_bytes"]
@@ -20,4 +19,4 @@ def test_streamed_gradient_matches_plain_bptt(tmp_path, remat, capsys):
 @pytest.mark.parametrize("argv", [["--length", "0"], ["--remat", "nested3x"], ["--cell", "x"]])
 def test_rejects_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        common.run("million_steps", [*argv, "--out", tmp_path])
+        study.run("million_steps", [*argv, "--out", tmp_path])

@@ -1,18 +1,23 @@
-"""The adding problem (experiments/common.py) and experiments/long_range.py."""
+"""The adding problem (experiments/tasks/adding.py) and experiments/long_range.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import study
 
-from experiments import common
+from experiments import _cli
+from experiments._table import Table
+from experiments.tasks import adding
 
-BASELINE = common.ADDING_BASELINE_MSE
+SCRIPT = study.load("long_range")
+
+BASELINE = adding.ADDING_BASELINE_MSE
 
 
 def curves(out):
-    rows = common.Table(out / "long_range.csv", common.AddingRow).read()
+    rows = Table(out / "long_range.csv", SCRIPT.AddingRow).read()
     by_method = {}
     for r in rows:
         by_method.setdefault(r.method, []).append(r)
@@ -22,7 +27,7 @@ def curves(out):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("long_range")
-    common.run("long_range", ["--quick", "--out", out])
+    study.run("long_range", ["--quick", "--out", out])
     return out, *curves(out)
 
 
@@ -30,7 +35,7 @@ def test_full_bptt_learns_truncated_does_not(quick_run):
     _, _, by_method = quick_run
     full, trunc = by_method["full BPTT"], by_method["Truncate(5)"]
     # --quick: T=50, min gap 12, held-out batch of 500 for seed 0
-    _, target = common.adding_eval_batch(0, 500, 50, "gap", 12)
+    _, target = adding.adding_eval_batch(0, 500, 50, "gap", 12)
     constant = float(jnp.mean((target - 1.0) ** 2))  # predicting 1 on the held-out batch
     # seed 0, T=50, 500 steps: full BPTT ends at 0.012·(1/6), Truncate(5) never
     # below 0.95 of the constant prediction; seeds 1-5: full ends at 0.02-0.15·(1/6),
@@ -47,9 +52,9 @@ def test_full_bptt_learns_truncated_does_not(quick_run):
 def test_truncated_model_never_sees_a_marker(key):
     """Row 1 of W_x (the marker's input weights) starts at 0 and stays 0 under Truncate(k)."""
     T, M, k = 12, 4, 3
-    params0 = common.adding_params(key, 4, T, "chrono", marker_weights="zero")
+    params0 = adding.adding_params(key, 4, T, "chrono", marker_weights="zero")
     optimizer = optax.adam(1e-2)
-    step = common.adding_train_step(optimizer, 8, T, "gap", M, k)
+    step = adding.adding_train_step(optimizer, 8, T, "gap", M, k)
     params, state = params0, optimizer.init(params0)
     for i in range(3):
         params, state, _ = step(params, state, jax.random.key(i))
@@ -79,17 +84,17 @@ def test_killed_run_keeps_its_rows(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             yield step
 
-    monkeypatch.setattr(common, "progress", interrupted)
+    monkeypatch.setattr(_cli, "progress", interrupted)
     argv = "--length 12 --steps 40 --eval-every 5 --hidden 4 --batch 4 --eval-batch 8"
     with pytest.raises(KeyboardInterrupt):
-        common.run("long_range", [*argv.split(), "--out", tmp_path])
+        study.run("long_range", [*argv.split(), "--out", tmp_path])
     rows, _ = curves(tmp_path)
     assert [(r.method, r.step) for r in rows] == [("full BPTT", s) for s in (0, 5, 10)]
 
 
 def test_gap_batches(key):
     T, M, B = 40, 10, 10_000
-    xs, target = common.adding_batch(key, B, T, "gap", M)
+    xs, target = adding.adding_batch(key, B, T, "gap", M)
     assert xs.shape == (T, B, 2) and target.shape == (B,)
     assert xs.dtype == target.dtype == jnp.float32
     values, markers = np.asarray(xs[..., 0]), np.asarray(xs[..., 1])
@@ -105,7 +110,7 @@ def test_gap_batches(key):
 
 def test_hochreiter_batches(key):
     T, B = 40, 5_000
-    xs, target = common.adding_batch(key, B, T, "hochreiter")
+    xs, target = adding.adding_batch(key, B, T, "hochreiter")
     markers = np.asarray(xs[..., 1])
     assert (markers.sum(axis=0) == 2).all()
     assert (markers[:10].sum(axis=0) >= 1).all()  # a marker among the first ten steps
@@ -113,14 +118,14 @@ def test_hochreiter_batches(key):
     assert float(jnp.mean((target - 1.0) ** 2)) == pytest.approx(1 / 6, abs=0.01)
 
 
-@pytest.mark.parametrize("placement", common.PLACEMENTS)
+@pytest.mark.parametrize("placement", adding.PLACEMENTS)
 def test_marker_blind_floor(key, placement):
     T, M, B = 12, 4, 40_000
-    floor = common.marker_blind_floor(T, placement, M)
+    floor = adding.marker_blind_floor(T, placement, M)
     assert floor < BASELINE - 0.02
-    xs, target = common.adding_batch(key, B, T, placement, M)
+    xs, target = adding.adding_batch(key, B, T, placement, M)
     markers = np.asarray(xs[..., 1])
-    a, b = common.marker_region(T, placement, M)
+    a, b = adding.marker_region(T, placement, M)
     t = np.arange(T)
     p = (t < a) / a + (t < b) / (b - 1) * (1 - (t < a) / a)
     np.testing.assert_allclose(markers.mean(axis=1), p, atol=0.01)  # P(step t is marked)
@@ -129,14 +134,14 @@ def test_marker_blind_floor(key, placement):
     assert np.mean((guess - np.asarray(target)) ** 2) == pytest.approx(floor, abs=0.004)
 
 
-_grad_params_and_inputs = jax.jit(jax.grad(common.adding_mse, argnums=(0, 1)), static_argnums=3)
+_grad_params_and_inputs = jax.jit(jax.grad(adding.adding_mse, argnums=(0, 1)), static_argnums=3)
 
 
-@pytest.mark.parametrize("init", common.INITS)
+@pytest.mark.parametrize("init", adding.INITS)
 def test_truncated_gradient_never_reaches_a_marker(key, init):
     T, M, k, H = 30, 10, 10, 8
-    params = common.adding_params(key, H, T, init)
-    xs, target = common.adding_batch(jax.random.key(1), 16, T, "gap", M)
+    params = adding.adding_params(key, H, T, init)
+    xs, target = adding.adding_batch(jax.random.key(1), 16, T, "gap", M)
 
     def grads(truncate):
         return _grad_params_and_inputs(params, xs, target, truncate)
@@ -155,7 +160,7 @@ def test_truncated_gradient_never_reaches_a_marker(key, init):
 
 def test_chrono_init(key):
     T, H = 200, 64
-    b = np.asarray(common.adding_params(key, H, T, "chrono")["cell"]["b"])
+    b = np.asarray(adding.adding_params(key, H, T, "chrono")["cell"]["b"])
     b_i, b_f, b_g, b_o = np.split(b, 4)
     assert (b_f >= 0).all() and (b_f <= np.log(T - 1) + 1e-6).all()
     np.testing.assert_array_equal(b_i, -b_f)
@@ -176,4 +181,4 @@ def test_chrono_init(key):
 )
 def test_bad_arguments(tmp_path, argv):
     with pytest.raises(SystemExit):
-        common.run("long_range", [*argv, "--out", tmp_path])
+        study.run("long_range", [*argv, "--out", tmp_path])

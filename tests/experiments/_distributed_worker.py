@@ -4,7 +4,7 @@
     python tests/_distributed_worker.py dist PROCESS_ID NUM_PROCESSES PORT OUT
 
 ``single``: the gradient of the character language model's loss
-(``experiments.common.CharModel``, GRU) over a batch of 8 sequences, on one
+(``experiments.tasks.char_lm.CharModel``, GRU) over a batch of 8 sequences, on one
 device. ``dist``: the same gradient, data-parallel: every process calls
 ``jax.distributed.initialize`` and holds 2 simulated CPU devices and its
 share of the batch; the batch is sharded over all the processes' devices and
@@ -43,16 +43,17 @@ def main(argv: list[str]) -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    sys.path.insert(0, os.path.dirname(HERE))
-    from experiments import common
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+    import bpttjax as bj
+    from experiments.tasks.char_lm import CharModel
 
-    model = common.CharModel("gru", vocab=VOCAB, hidden=HIDDEN)
+    model = CharModel("gru", vocab=VOCAB, hidden=HIDDEN)
     params = model.init(jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=(BATCH, T + 1))
     X, Y = tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32)
 
     def loss(params, carry, X, Y):
-        return model.loss(params, carry, X, Y, remat=common.bj.Nested(2))[0]
+        return model.loss(params, carry, X, Y, remat=bj.Nested(2))[0]
 
     grad = jax.jit(jax.grad(loss))
     carry = np.asarray(model.initial_carry(BATCH))

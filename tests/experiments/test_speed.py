@@ -3,39 +3,25 @@
 import functools
 import importlib.util
 import math
-import os
 import sys
 
 import jax
 import pytest
+import study
 
-from experiments import common
+from experiments import _harness, _methods
+from experiments._harness import BASELINE
+from experiments._table import Table
 
-
-def _load_script():
-    """experiments/speed.py as a module of another name.
-
-    Importing it as ``experiments.speed`` would make ``common.run``'s runpy
-    warn that the module it is about to run as ``__main__`` is already loaded.
-    """
-    spec = importlib.util.spec_from_file_location(
-        "_speed_under_test", os.path.join(common.HERE, "speed.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _load_script()
+speed = study.load("speed")
 
 
 def run(*argv):
-    common.run("speed", ["--quick", *map(str, argv)])
+    study.run("speed", ["--quick", *map(str, argv)])
 
 
 def rows(out):
-    return common.Table(out / "speed.csv", speed.SpeedRow).read()
+    return Table(out / "speed.csv", speed.SpeedRow).read()
 
 
 def installed(package: str) -> bool:
@@ -53,7 +39,8 @@ def test_quick_run_times_every_available_method(lstm_run):
     expected = [
         m.name
         for m in speed.METHODS
-        if (m.needs is None or installed(m.needs))
+        if m.name in speed.DEFAULT_METHODS
+        and (m.needs is None or installed(m.needs))
         and (not m.gpu_only or jax.default_backend() == "gpu")
     ]
     got = {r.method: r for r in rows(lstm_run)}
@@ -68,8 +55,8 @@ def test_quick_run_times_every_available_method(lstm_run):
         assert r.jax_version == jax.__version__ and r.threads >= 1
         if installed("torch"):
             assert math.isfinite(r.speed_vs_torch)
-    assert got[common.BASELINE].speed_vs_scan == 1.0
-    assert got[common.BASELINE].grad_rel_err == 0.0
+    assert got[BASELINE].speed_vs_scan == 1.0
+    assert got[BASELINE].grad_rel_err == 0.0
     if installed("torch"):
         assert got[speed.TORCH].speed_vs_torch == 1.0
     assert "bj.cells.run" in got["bj.StoreAll"].note or "bj.scan" in got["bj.StoreAll"].note
@@ -82,7 +69,7 @@ def test_peers_of_the_other_cells_and_resume(tmp_path, capsys):
     run(*argv)
     got = {(r.cell, r.method): r for r in rows(tmp_path)}
     peers = ["flax.nnx.RNN", *([speed.TORCH] if installed("torch") else [])]
-    assert sorted(got) == sorted((c, m) for c in ("rnn", "gru") for m in [common.BASELINE, *peers])
+    assert sorted(got) == sorted((c, m) for c in ("rnn", "gru") for m in [BASELINE, *peers])
     for r in got.values():
         assert r.status == "ok" and r.grad_rel_err <= 1e-4, r
     assert "no b_hn" in got["gru", "flax.nnx.RNN"].note
@@ -95,18 +82,18 @@ def test_peers_of_the_other_cells_and_resume(tmp_path, capsys):
 
 def _zero_gradient(point, params, xs, threads):
     zeros = {name: 0 * value for name, value in params.items()}
-    return speed.Prepared(lambda: zeros, lambda g: g)
+    return _harness.Prepared(lambda: zeros, lambda g: g)
 
 
 def test_cudnn_packing_and_a_wrong_gradient_is_not_timed():
     """cuDNN's weights, checked through jax.experimental.rnn's reference on any backend."""
-    point = speed.Point("lstm", 20, 2, 4, 8)
-    reference = functools.partial(speed.cudnn_loss, reference=True)
-    cudnn = speed.jax_method(reference, speed.cudnn_weights, speed._batch_first)
+    point = speed.point("lstm", 20, 2, 4, 8)
+    reference = functools.partial(_methods.cudnn_loss, reference=True)
+    cudnn = _harness.prepare_jax(reference, _methods.cudnn_weights, _methods.batch_first)
     methods = [
         speed.METHODS[0],
-        speed.Method("cuDNN layout", cudnn),
-        speed.Method("zero gradient", _zero_gradient),
+        _harness.Method("cuDNN layout", "cudnn", prepare=cudnn),
+        _harness.Method("zero gradient", prepare=_zero_gradient),
     ]
     base, packed, wrong = speed.measure_point(point, methods, speed.Run(2, 1, 1e-4, 1.0))
     assert base.status == packed.status == "ok"
@@ -119,11 +106,11 @@ def test_missing_packages_are_skipped(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
     run("--cells", "lstm", "--methods", "lax.scan,torch,cudnn", "--out", tmp_path)
     out = capsys.readouterr().out
-    assert speed.TORCH_MISSING in out
+    assert _harness.TORCH_MISSING in out
     if jax.default_backend() != "gpu":
         assert "jax.experimental.rnn needs the gpu backend" in out
     (base,) = rows(tmp_path)
-    assert base.method == common.BASELINE and base.speed_vs_scan == 1.0
+    assert base.method == BASELINE and base.speed_vs_scan == 1.0
     assert math.isnan(base.speed_vs_torch)
     assert (tmp_path / "speed.png").stat().st_size > 0
 

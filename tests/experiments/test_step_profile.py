@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
-from experiments import common
+import study
 
 PARTS = {
     "recurrent products",
@@ -23,7 +23,7 @@ def read(path):
 
 
 def test_quick_run_writes_every_part(tmp_path):
-    common.run("step_profile", ["--quick", "--cells", "rnn,lstm", "--out", tmp_path])
+    study.run("step_profile", ["--quick", "--cells", "rnn,lstm", "--out", tmp_path])
     rows = read(tmp_path)
     for cell in ("rnn", "lstm"):
         parts = {r["part"]: float(r["time_ms"]) for r in rows if r["cell"] == cell}
@@ -33,6 +33,6 @@ def test_quick_run_writes_every_part(tmp_path):
         rest = parts["fwd+bwd"] - parts["forward"] - parts["weight products"]
         assert math.isclose(parts["backward loop"], rest, rel_tol=1e-6)
     # a second run replaces the rows of the same point instead of adding to them
-    common.run("step_profile", ["--quick", "--cells", "rnn", "--out", tmp_path])
+    study.run("step_profile", ["--quick", "--cells", "rnn", "--out", tmp_path])
     again = read(tmp_path)
     assert len(again) == len(rows)

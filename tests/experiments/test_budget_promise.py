@@ -2,9 +2,14 @@
 
 import csv
 
+import helpers
+import jax
+import jax.numpy as jnp
+
+import bpttjax as bj
 from experiments import budget_promise
 
-LOSSES = ("readme", "per_step", "linear")
+LOSSES = helpers.GRID_LOSSES
 
 
 def read(path):
@@ -32,3 +37,21 @@ def test_quick_run_keeps_the_promise_and_resumes(tmp_path):
     before = path.read_bytes()
     budget_promise.main(argv)  # every point is there: nothing is measured again
     assert path.read_bytes() == before
+
+
+def test_its_losses_are_the_library_tests():
+    """tests/test_budget.py keeps its own copy of the grid's losses (the library tests
+    import nothing from experiments/): the two give the same steps and the same memory."""
+    assert budget_promise.LOSSES == helpers.GRID_LOSSES
+    cell, T, B, D, H = "gru", 30, 2, 3, 4
+    params = bj.cells.init_gru(jax.random.key(0), D, H, jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float64)
+    h0 = bj.cells.initial_carry(cell, H, (B,), dtype=jnp.float64)
+    for loss in LOSSES:
+        got = budget_promise.step_for(cell, params, loss)(h0, xs[0])
+        want = helpers.grid_step(cell, params, loss)(h0, xs[0])
+        helpers.assert_trees_equal(got, want)
+        for remat in (bj.StoreAll(), bj.Binomial(3)):
+            assert budget_promise.grad_temp(cell, loss, remat, params, xs, H) == (
+                helpers.grid_temp(cell, loss, remat, params, xs, H)
+            )

@@ -1,0 +1,1 @@
+"""The learning tasks the studies train on: a character language model, the adding problem."""
