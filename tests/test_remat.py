@@ -391,11 +391,11 @@ def counting_step(calls):
 
 
 def test_nested_lengths_are_checked_with_the_length_alone():
-    """``Nested._check(T)`` needs no step: the boundary calls it before any trace."""
+    """``Nested.check(T)`` needs no step: the boundary calls it before any trace."""
     with pytest.raises(ValueError, match=r"Nested\(lengths=\(2, 2\)\) covers only 4 steps.*10"):
-        bj.Nested(lengths=(2, 2))._check(10)
-    bj.Nested(lengths=(2, 5))._check(10)
-    bj.Nested(levels=3)._check(10**9)  # levels= adapts to any length
+        bj.Nested(lengths=(2, 2)).check(10)
+    bj.Nested(lengths=(2, 5)).check(10)
+    bj.Nested(levels=3).check(10**9)  # levels= adapts to any length
     calls = []
     with pytest.raises(ValueError, match=r"covers only 4 steps"):
         bj.Nested(lengths=(2, 2)).scan(counting_step(calls), 0.0, jnp.ones(10), 10, False, 1)
