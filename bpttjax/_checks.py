@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -257,8 +258,9 @@ def describe(x: Any) -> str:
         return "None"
     if isinstance(x, dict):
         return f"a dict with keys {sorted(x, key=repr)}"
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return f"a {type(x).__name__} (namedtuple) with fields {list(x._fields)}"
+    fields = getattr(x, "_fields", None) if isinstance(x, tuple) else None
+    if fields is not None:
+        return f"a {type(x).__name__} (namedtuple) with fields {list(fields)}"
     if isinstance(x, tuple | list):
         return f"a {type(x).__name__} of length {len(x)}"
     if isinstance(x, str | bytes):

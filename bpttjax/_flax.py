@@ -41,7 +41,7 @@ def check_strategies(owner: str, remat: Any, truncation: Any) -> None:
 
 def call_options(
     module: Any, return_carry, time_major, reverse, keep_order, remat, truncation
-) -> tuple:
+) -> tuple[bool, bool, bool, bool, RematStrategy, TruncationStrategy | None]:
     """A call's options, each ``None`` (``UNSET`` for ``truncation``) taken from ``module``.
 
     Returns ``(return_carry, time_major, reverse, keep_order, remat,
@@ -129,6 +129,7 @@ def run(
     )
     if slice_carry:
         carries, ys = ys
+        assert seq_lengths is not None  # slice_carry says so
         last = seq_lengths - 1
         carry = jax.tree.map(lambda c: c[last, jnp.arange(c.shape[1])], carries)
     ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
@@ -219,7 +220,7 @@ def fast_scan(
     lstm = name == "lstm"
     if lstm:
         carry = (carry[1], carry[0])
-    kw = dict(remat=remat, truncation=truncation, reverse=reverse, unroll=unroll)
+    kw: dict[str, Any] = dict(remat=remat, truncation=truncation, reverse=reverse, unroll=unroll)
     if not stack_carries:
         carry, ys = run_cell(name, params, carry, xs, batch_chunks=batch_chunks, **kw)
     else:

@@ -29,6 +29,7 @@ from .remat import Layer, RematStrategy, StepCosts, StoreAll
 
 __all__ = [
     "SLACK",
+    "ClosedStep",
     "cached",
     "checking",
     "closed_step",
@@ -249,7 +250,20 @@ def full_temp(
     return cached(_TEMP_CACHE, key, measure)
 
 
-def closed_step(f: Callable, init: Any, xs: Any) -> tuple[Callable, Any, Any, Any]:
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClosedStep:
+    """A step as a function of ``(carry, x, *consts)``; ``jaxpr`` is its program."""
+
+    jaxpr: jex_core.Jaxpr
+    out_tree: Any
+
+    def __call__(self, c: Any, x: Any, *consts: Any) -> Any:
+        closed = jex_core.ClosedJaxpr(self.jaxpr, list(consts))
+        out = jex_core.jaxpr_as_fun(closed)(*jax.tree.leaves((c, x)))
+        return jax.tree.unflatten(self.out_tree, out)
+
+
+def closed_step(f: Callable, init: Any, xs: Any) -> tuple[ClosedStep, Any, Any, Any]:
     """``f`` with its constants hoisted (:func:`hoist_constants`), and the abstract
     constants, ``init`` and one step's ``x``."""
     init_a = abstract(init)
@@ -258,7 +272,7 @@ def closed_step(f: Callable, init: Any, xs: Any) -> tuple[Callable, Any, Any, An
     return closed, abstract(consts), init_a, x_a
 
 
-def hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:
+def hoist_constants(f: Callable, init: Any, x: Any) -> tuple[ClosedStep, list]:
     """``f`` as a function of ``(carry, x, *consts)`` with *every* constant it closes over.
 
     Unlike ``jax.closure_convert``, which hoists only traced values, concrete
@@ -266,12 +280,5 @@ def hoist_constants(f: Callable, init: Any, x: Any) -> tuple[Callable, list]:
     counts their gradients, as the traced scan will.
     """
     closed_jaxpr, out_shape = jax.make_jaxpr(f, return_shape=True)(init, x)
-    jaxpr, consts = closed_jaxpr.jaxpr, list(closed_jaxpr.consts)
-    out_tree = jax.tree.structure(out_shape)
-
-    def closed(c, x, *consts):
-        out = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))(*jax.tree.leaves((c, x)))
-        return jax.tree.unflatten(out_tree, out)
-
-    closed.jaxpr = closed_jaxpr.jaxpr
-    return closed, consts
+    closed = ClosedStep(closed_jaxpr.jaxpr, jax.tree.structure(out_shape))
+    return closed, list(closed_jaxpr.consts)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core
 from jax.custom_derivatives import SymbolicZero
 
 from ._tree import is_diff

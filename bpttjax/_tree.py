@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax._src.lax.lax import _convert_element_type  # the one way to set weak_type
@@ -110,7 +111,7 @@ def zero_cotangent(x: Any) -> Any:
     return np.zeros(np.shape(x), jax.dtypes.float0)
 
 
-def index(tree: Any, i: jax.Array) -> Any:
+def index(tree: Any, i: int | jax.Array) -> Any:
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
 

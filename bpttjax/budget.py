@@ -111,9 +111,14 @@ class Plan:
         return getattr(self.strategy, "snapshots", None)
 
     @property
+    def _predicted(self) -> int:  # predicted_bytes, which __post_init__ always sets
+        assert self.predicted_bytes is not None
+        return self.predicted_bytes
+
+    @property
     def total_bytes(self) -> int:
         """What the budget holds: XLA's figure where compiled, else the prediction."""
-        return self.predicted_bytes if self.measured_bytes is None else self.measured_bytes
+        return self._predicted if self.measured_bytes is None else self.measured_bytes
 
     def __str__(self) -> str:
         passes = self.recomputed_steps / self.length if self.length else 0.0
@@ -121,7 +126,7 @@ class Plan:
         return (
             f"{self.strategy} for T={self.length}: schedule {_mb(self.temp_bytes)} and "
             f"outputs with their cotangent {_mb(self.output_bytes)}, predicted "
-            f"{_mb(self.predicted_bytes)}{measured}: {self.total_bytes / self.budget_bytes:.0%} "
+            f"{_mb(self._predicted)}{measured}: {self.total_bytes / self.budget_bytes:.0%} "
             f"of a {_mb(self.budget_bytes)} budget; {self.recomputed_steps:,} recomputed steps "
             f"({passes:.2f} forward passes)"
         )
@@ -264,6 +269,10 @@ class Budget(RematStrategy):
             raise ValueError("budget expects a size, e.g. 'budget:64MB'")
         return cls(arg)
 
+    @property
+    def _cap(self) -> int:  # bytes as parsed: an int once __post_init__ has run
+        return int(self.bytes)
+
     @classmethod
     def examples(cls):
         # small enough for Binomial at the suite's longer lengths, StoreAll at the shortest
@@ -309,7 +318,7 @@ class Budget(RematStrategy):
     def _choose(self, length: int, costs: StepCosts, lines: list, missed: int) -> Plan:
         """:meth:`choose` with the measured candidates' plans made (:func:`_lines`)."""
         offered = _offered(length, costs, lines)
-        fits = lambda group, plan: group.need(plan, missed) <= self.bytes
+        fits = lambda group, plan: group.need(plan, missed) <= self._cap
         picks = []
         for position, group in enumerate(offered):
             plan = group.first(lambda plan, group=group: fits(group, plan))
@@ -318,9 +327,9 @@ class Budget(RematStrategy):
         if not picks:
             least = [(g.need(g[-1], missed), g[-1]) for g in offered if len(g)]
             need, plan = min(least, key=lambda np_: np_[0])
-            raise _too_small(self.bytes, plan, need, "predicted")
+            raise _too_small(self._cap, plan, need, "predicted")
         plan = min(picks, key=lambda p: p[:2])[2]
-        return dataclasses.replace(plan, budget_bytes=self.bytes)
+        return dataclasses.replace(plan, budget_bytes=self._cap)
 
     def _plan(self, f: Callable, init: Any, xs: Any, length: int) -> Plan:
         """The plan for a gradient of ``bj.scan(f, ...)``, checked by compiling it."""
@@ -328,7 +337,7 @@ class Budget(RematStrategy):
         try:
             costs, lines = self._step_costs(f, init, xs)
         except _NotDifferentiable:
-            return Plan(StoreAll(), 0, 0, self.bytes, length, StepCosts(0, 0), output_bytes=outputs)
+            return Plan(StoreAll(), 0, 0, self._cap, length, StepCosts(0, 0), output_bytes=outputs)
         plans = _lines(length, costs, lines, outputs, holds_outputs=True)
 
         def measure(strategy):
@@ -379,9 +388,9 @@ class Budget(RematStrategy):
             except BudgetTooSmallError:
                 break
             total = measure(plan.strategy)
-            if total <= self.bytes:
+            if total <= self._cap:
                 return dataclasses.replace(plan, measured_bytes=total)
-            missed = max(missed + 1, total - plan.predicted_bytes)
+            missed = max(missed + 1, total - plan._predicted)
         return self._smallest(length, costs, lines, measure)
 
     def _smallest(self, length: int, costs: StepCosts, lines: list, measure: Callable) -> Plan:
@@ -400,10 +409,10 @@ class Budget(RematStrategy):
             (plan, measure(plan.strategy)) for *_, plan in sorted(least, key=lambda p: p[:2])
         ]
         for plan, total in measured:  # fastest first
-            if total <= self.bytes:
-                return dataclasses.replace(plan, budget_bytes=self.bytes, measured_bytes=total)
+            if total <= self._cap:
+                return dataclasses.replace(plan, budget_bytes=self._cap, measured_bytes=total)
         plan, total = min(measured, key=lambda pt: pt[1])
-        raise _too_small(self.bytes, plan, total, "measured")
+        raise _too_small(self._cap, plan, total, "measured")
 
     def cost(self, length, costs):
         plan = self.choose(length, costs)
@@ -470,7 +479,7 @@ class Budget(RematStrategy):
             model = None
         if model is None or model.recomputed_steps > _FUSED_NESTED_OVER * layer.length:
             nested = _fused_nested(layer, init)
-            if measure(nested) <= self.bytes:
+            if measure(nested) <= self._cap:
                 return nested
         return self._checked(layer.length, costs, plans, measure).strategy
 
@@ -498,7 +507,7 @@ class _Group(Sequence):
     def need(self, plan: Plan, missed: int) -> int:
         """The least budget ``plan`` fits, with ``missed`` bytes added to its prediction."""
         if self.measured:
-            return plan.predicted_bytes + missed
+            return plan._predicted + missed
         return math.ceil((plan.temp_bytes + missed) / _SAFETY) + plan.output_bytes
 
     def first(self, fits: Callable[[Plan], bool]) -> Plan | None:

@@ -33,8 +33,6 @@ from .truncation import TruncationStrategy
 
 __all__ = ["RNN"]
 
-_SPLIT_RNGS = FrozenDict({"params": False})
-
 
 class RNN(nn.Module):
     """Run a Linen recurrent cell over a sequence, with BPTT's memory chosen by ``remat``.
@@ -109,7 +107,7 @@ class RNN(nn.Module):
     variable_axes: Mapping[Any, Any] = FrozenDict()
     variable_broadcast: Any = "params"
     variable_carry: Any = False
-    split_rngs: Mapping[Any, bool] = _SPLIT_RNGS
+    split_rngs: Mapping[Any, bool] = FrozenDict({"params": False})
     remat: RematStrategy = StoreAll()
     truncation: TruncationStrategy | None = None
 
@@ -121,7 +119,7 @@ class RNN(nn.Module):
             ("variable_axes", FrozenDict(), lambda v: not v),
             ("variable_broadcast", "params", lambda v: v == "params"),
             ("variable_carry", False, lambda v: v is False),
-            ("split_rngs", _SPLIT_RNGS, lambda v: dict(v) == {"params": False}),
+            ("split_rngs", FrozenDict({"params": False}), lambda v: dict(v) == {"params": False}),
         )
         for name, default, ok in defaults:
             value = getattr(self, name)
@@ -182,7 +180,7 @@ class RNN(nn.Module):
             # the cell once; only the shape of the step matters.
             self.cell(initial_carry, jax.lax.index_in_dim(inputs, 0, axis, keepdims=False))
         module, variables = self.cell.unbind()
-        loop = dict(remat=remat, truncation=truncation, unroll=self.unroll)
+        loop: dict[str, Any] = dict(remat=remat, truncation=truncation, unroll=self.unroll)
 
         fast = _library_params(module, variables)
         if fast is not None and _flax.fast_ok(fast[1], initial_carry, inputs, module.dtype):

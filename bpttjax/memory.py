@@ -136,11 +136,14 @@ def _devices(compiled: Any) -> set:
     return devices
 
 
-def device_peak_bytes(device: jax.Device | None = None) -> int | None:
+def device_peak_bytes(
+    # jax binds Device by assignment (Device = _xc.Device), which pyright reads as a variable
+    device: jax.Device | None = None,  # pyright: ignore[reportInvalidTypeForm]
+) -> int | None:
     """The device's ``peak_bytes_in_use``, or None where the backend has no stats (CPU)."""
-    device = device or jax.devices()[0]
+    dev = device or jax.devices()[0]
     try:
-        stats = device.memory_stats()
+        stats = dev.memory_stats()
     except (NotImplementedError, RuntimeError):
         return None
     if not stats or "peak_bytes_in_use" not in stats:
@@ -247,5 +250,6 @@ def predict(
     costs = StepCosts(carry_bytes, residual_bytes, overhead_bytes)
     choose = getattr(remat, "choose", None)  # a Budget leaves the outputs room
     if output_bytes and callable(choose):
-        return choose(length, costs, output_bytes=output_bytes).predicted_bytes
+        plan: Any = choose(length, costs, output_bytes=output_bytes)  # a budget.Plan
+        return plan.predicted_bytes
     return remat.cost(length, costs).temp_bytes + output_bytes

@@ -17,6 +17,7 @@ from its state at every step as :func:`bpttjax.cells.from_nnx` does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,8 +31,6 @@ from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
 
 __all__ = ["RNN"]
-
-_STORE_ALL = StoreAll()
 
 
 class RNN(nnx.Module):
@@ -102,7 +101,7 @@ class RNN(nnx.Module):
         self,
         cell: nnx.Module,
         *,
-        remat: RematStrategy = _STORE_ALL,
+        remat: RematStrategy = StoreAll(),  # noqa: B008 - frozen, so one shared default is safe
         truncation: TruncationStrategy | None = None,
         time_major: bool = False,
         return_carry: bool = False,
@@ -129,7 +128,7 @@ class RNN(nnx.Module):
                     f"bj.nnx.RNN({name}=...) is not supported: every variable of the cell "
                     f"is carried through the loop (nnx.RNN's default); got {value!r}"
                 )
-        self.cell = cell
+        self.cell: Any = cell  # any nnx cell: initialize_carry, dtype, ...
         self.remat = remat
         self.truncation = truncation
         self.time_major = time_major
@@ -198,7 +197,7 @@ class RNN(nnx.Module):
             if isinstance(rngs, nnx.Rngs):
                 rngs = rngs.carry.fork()
             initial_carry = self.cell.initialize_carry(_flax.carry_input_shape(inputs, axis), rngs)
-        loop = dict(remat=remat, truncation=truncation, unroll=self.unroll)
+        loop: dict[str, Any] = dict(remat=remat, truncation=truncation, unroll=self.unroll)
 
         fast = _library_params(self.cell)
         if fast is not None and _flax.fast_ok(fast[1], initial_carry, inputs, self.cell.dtype):
@@ -217,7 +216,7 @@ class RNN(nnx.Module):
             seq_lengths=seq_lengths, return_carry=return_carry,
         )  # fmt: skip
 
-    def _generic_scan(self, loop: dict):
+    def _generic_scan(self, loop: dict) -> Callable[..., tuple[Any, Any]]:
         """The cell rebuilt from its state at every step, its non-parameter state carried."""
         graphdef, params, rest = nnx.split(self.cell, nnx.Param, ...)
         stateful = bool(jax.tree.leaves(rest))
@@ -270,7 +269,7 @@ def _is_linen(obj: Any) -> bool:
     return isinstance(obj, nn.Module)
 
 
-def _library_params(cell: nnx.Module) -> tuple[str, dict] | None:
+def _library_params(cell: Any) -> tuple[str, dict] | None:
     """The registered cell computing ``cell`` and its parameters in the library's layout.
 
     ``("rnn" | "gru" | "lstm", params)`` with the dicts of

@@ -297,7 +297,7 @@ def _checked(fn, name, value, pattern, dims):
     bound: dict[str, int] = {}
     if ok:
         for s, n in zip(pattern, arr.shape, strict=True):
-            expected = dims[s][0] if s in dims else bound.get(s, n)
+            expected = dims[s][0] if s in dims else bound.get(s, int(n))
             ok = ok and n == expected
             bound[s] = expected
     if not ok:

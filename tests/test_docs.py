@@ -249,11 +249,6 @@ def _private_defaults(obj) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bj.nnx.RNN(remat=_STORE_ALL) and bj.linen.RNN.split_rngs=_SPLIT_RNGS: "
-    "remove this marker with the fix",
-)
 def test_api_reference_shows_no_private_defaults():
     """Every public function and class of the documented namespaces writes its
     defaults as a user would (``remat=StoreAll()``), since mkdocstrings shows them

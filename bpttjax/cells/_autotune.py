@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import jax
+import jax.core
 import numpy as np
 
 from .._probe import cached, outside_any_mesh, probe_grad
@@ -62,7 +63,7 @@ def platform(xs: Any) -> str:
     """The platform ``xs`` lives on, or the default device's where it is traced."""
     if isinstance(xs, jax.Array) and not isinstance(xs, jax.core.Tracer):
         return next(iter(xs.devices())).platform
-    device = jax.config.jax_default_device
+    device = jax.default_device.value  # what jax.config.jax_default_device reads, typed
     if isinstance(device, jax.Device):
         return device.platform
     return device if isinstance(device, str) else jax.default_backend()

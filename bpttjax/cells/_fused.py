@@ -421,7 +421,7 @@ def _block_vjp(layer: FusedLayer) -> Callable:
             if k is None:
                 return _get(kept_stacks, t, p)
             first, _, prev = first_last(n)
-            leaves = [None] * len(init_leaves)
+            leaves: list[Any] = [None] * len(init_leaves)
             for o, i in zip(kept_stacks, kept, strict=True):
                 leaves[i] = _get(o, t, p)
             y_prev = _get(ys_res, jnp.clip(prev(t), 0, n - 1), p)
@@ -519,7 +519,7 @@ def _block_vjp(layer: FusedLayer) -> Callable:
             shift = 1 if layer.reverse else -1
             roll = lambda tree, by: jax.tree.map(lambda a: jnp.roll(a, by, axis=0), tree)
             x_rows = roll(xs, shift)
-            leaves = [None] * len(init_leaves)
+            leaves: list[Any] = [None] * len(init_leaves)
             for o, i in zip(kept_stacks, kept, strict=True):
                 leaves[i] = roll(o, shift)
             leaves[k] = ys_res

@@ -90,7 +90,7 @@ class Split:
 
     project: Callable[[Params, jax.Array], jax.Array]
     hidden: Callable[[Params, Any], jax.Array]
-    mix: Callable[[jax.Array, jax.Array], jax.Array]
+    mix: Callable[[jax.Array, jax.Array], Any]
     elem: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
     elem_params: tuple[str, ...] = ()
     bulk_vjp: Callable[[Params, jax.Array, Any, Any], tuple[Params, jax.Array]] | None = None
@@ -327,16 +327,16 @@ def initial_carry(
         )
     H = check_size("initial_carry", "hidden_size", hidden_size)
     dt = check_dtype("initial_carry", dtype)
-    if isinstance(batch_shape, numbers.Integral) and not isinstance(batch_shape, bool):
-        batch_shape = (batch_shape,)
-    if not isinstance(batch_shape, tuple | list) or not all(
-        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0 for n in batch_shape
+    batch: Any = batch_shape  # one int is taken as one batch dimension
+    if isinstance(batch, numbers.Integral) and not isinstance(batch, bool):
+        batch = (batch,)
+    if not isinstance(batch, tuple | list) or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) and int(n) >= 0 for n in batch
     ):
         raise TypeError(
-            "initial_carry(batch_shape=...) expects a tuple of non-negative ints, "
-            f"got {batch_shape!r}"
+            f"initial_carry(batch_shape=...) expects a tuple of non-negative ints, got {batch!r}"
         )
-    shape = (*(int(n) for n in batch_shape), H)
+    shape = (*(int(n) for n in batch), H)
     if cell.carry_arrays == 1:
         return jnp.zeros(shape, dt)
     return tuple(jnp.zeros(shape, dt) for _ in range(cell.carry_arrays))

@@ -133,7 +133,7 @@ def run(
     batch_chunks = check_chunks("run", batch_chunks)
     _check_xs("run", carry, xs)
     remat.check(np.shape(xs)[0])  # e.g. Nested's lengths against T, before any trace
-    kw = dict(reverse=reverse, unroll=unroll, truncation=truncation)
+    kw: dict[str, Any] = dict(reverse=reverse, unroll=unroll, truncation=truncation)
     layer = _layer("run", cell, params, carry, xs, hoist=hoist, **kw)
     if layer is None:
         with _params_checked("run", cell, params):
@@ -164,7 +164,7 @@ def _layer(
         return None
     # Everything bj.scan checks, checked by tracing its step once (shapes, carry, options).
     step = functools.partial(cell.step, params)
-    kw = dict(reverse=reverse, unroll=unroll, truncation=truncation)
+    kw: dict[str, Any] = dict(reverse=reverse, unroll=unroll, truncation=truncation)
     with _params_checked(fn, cell, params):
         jax.eval_shape(lambda c, x: scan(step, c, x, remat=StoreAll(), **kw), carry, xs)
     return FusedLayer(

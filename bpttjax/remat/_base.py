@@ -16,7 +16,7 @@ import inspect
 import re
 import types
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from .. import _tree
 
@@ -130,7 +130,8 @@ class RematStrategy(abc.ABC):
             raise ValueError(
                 f"{cls.__name__} expects an int argument ({first}), e.g. '{name}:4', got {arg!r}"
             ) from None
-        return cls(value)
+        # cls takes the int, as its signature (read above) says; the base class's does not
+        return cast(Callable[..., RematStrategy], cls)(value)
 
     @classmethod
     def examples(cls) -> tuple[RematStrategy, ...]:

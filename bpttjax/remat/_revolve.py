@@ -430,7 +430,7 @@ def _scan_bwd(spec, closed, residuals, cotangents):
     k, buf, pos, state = restore_and_advance(n - 1, k, buf, pos)
     loop = (n - 1, k, buf, pos, state, g_consts, g_carry, xs_bar)
     *_, g_consts, g_carry, xs_bar = jax.lax.while_loop(lambda s: s[0] > 0, reverse_one, loop)
-    ct_xs = None if xs is None else with_zeros(xs, xs_bar)
+    ct_xs = None if xs_bar is None else with_zeros(xs, xs_bar)  # xs_bar is None iff xs is
     return with_zeros(list(consts), g_consts), with_zeros(init, g_carry), ct_xs, None
 
 
