@@ -136,6 +136,17 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3g} MB"
 
 
+def _recomputation(steps: int, length: int) -> str:
+    """``steps`` recomputed over ``length`` in words: a pass, or revolve's quadratic worst."""
+    if steps == 0:
+        return "no recomputation"
+    if steps <= length:
+        return "about one extra forward pass"
+    if 2 * steps >= length * (length - 1):  # Binomial(1): every step from the start
+        return "about T**2/2 recomputed steps"
+    return f"about {steps / length:.2g} extra forward passes"
+
+
 class BudgetTooSmallError(ValueError):
     """No strategy fits the budget; ``least_bytes`` is the least budget that works.
 
@@ -161,12 +172,7 @@ def _too_small(budget: int, plan: Plan, least: int, how: str) -> BudgetTooSmallE
         if outputs >= budget
         else ""
     )
-    passes = plan.recomputed_steps / max(plan.length, 1)
-    recompute = (
-        "no recomputation"
-        if plan.recomputed_steps == 0
-        else f"{plan.recomputed_steps:,} recomputed steps, {passes:.3g} forward passes"
-    )
+    recompute = _recomputation(plan.recomputed_steps, plan.length)
     return BudgetTooSmallError(
         f"Budget(bytes={budget}) is too small for this scan: the least any strategy "
         f"needs is {plan.strategy}, at a {how} {least:,} bytes with the scan's outputs and "

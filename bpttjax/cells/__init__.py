@@ -46,6 +46,9 @@ block) and ``_autotune`` (``batch_chunks="auto"``) sit on top of
 """
 
 from ._registry import CELLS as CELLS
+from ._registry import GRU_SPLIT as GRU_SPLIT
+from ._registry import LSTM_SPLIT as LSTM_SPLIT
+from ._registry import RNN_SPLIT as RNN_SPLIT
 from ._registry import Cell as Cell
 from ._registry import Split as Split
 from ._registry import get as get
@@ -53,6 +56,8 @@ from ._registry import initial_carry as initial_carry
 from ._registry import register as register
 from ._run import choose_batch_chunks as choose_batch_chunks
 from ._run import run as run
+from ._steps import Params as Params
+from ._steps import Step as Step
 from ._steps import gru as gru
 from ._steps import init_gru as init_gru
 from ._steps import init_lstm as init_lstm

@@ -173,7 +173,7 @@ def _pretransposed(params: Any) -> Callable[[], Any]:
 
     The loop's product ``dz @ W_hᵀ`` (the carry's cotangent) contracts ``W_h``
     over its second axis; XLA's CPU product then reads ``W_h`` across its rows
-    at every step, about 20% slower than a product with a row-major right
+    at every step, which is slower than a product with a row-major right
     operand. Transposing once outside the loop (behind an optimization
     barrier, so the two transposes do not cancel) gives XLA ``W_hᵀ`` in rows;
     inside the loop each matrix is used as ``(W_hᵀ)ᵀ``, which XLA folds into
@@ -455,8 +455,8 @@ def _block_vjp(layer: FusedLayer) -> Callable:
         step_at = (lambda j: j) if layer.reverse else (lambda j: n - 1 - j)
 
         # Each step's dz is written over its own z in the residual stack, which
-        # becomes the stack of dz: one stack of that size, not two (the LSTM's
-        # StoreAll temp memory 393 -> 262 MB at T = 1,000, B = 32, H = 256).
+        # becomes the stack of dz: one stack of that size, not two (docs/layers.md
+        # has what it saves).
         # The next step's z is read from the stack after the writes, and
         # carried: read from the stack before them (or fused into the step's
         # ops), it made XLA copy the whole stack at every step to keep the

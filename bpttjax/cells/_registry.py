@@ -66,8 +66,8 @@ class Split:
         batch)``); ``d_params`` has every key of ``params`` (zeros for
         ``elem_params``). ``None``: they are taken with ``jax.vjp`` through
         ``mix``, which builds ``mix``'s transpose (for the GRU two
-        ``T·B × 3H`` arrays, 98 MB each at the benchmark size) before the
-        products; the GRU's gives each product its own part of ``dz``.
+        ``T·B × 3H`` arrays) before the products; the GRU's gives each
+        product its own part of ``dz``.
       output_leaf: optional index, among ``jax.tree.leaves(carry)``, of the
         leaf that ``elem`` also returns as ``y`` (the hidden state of the
         rnn, GRU and LSTM). The outputs, which the caller gets anyway, then
@@ -83,8 +83,7 @@ class Split:
         stack of ``z`` for the backward loop, which writes the ``dz`` into a
         stack of their own: the same peak memory, one stack fewer between
         the forward and the backward pass, and a write and a read of it saved
-        (the tanh RNN's gradient 4.5% and 9% faster in two A/B runs at the
-        benchmark size). It must be the exact VJP of ``elem``; it is not
+        (``docs/layers.md`` has the measurement). It must be the exact VJP of ``elem``; it is not
         checked, but ``run``'s gradient tests would show a wrong one.
     """
 

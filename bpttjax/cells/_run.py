@@ -71,21 +71,17 @@ def run(
       reverse: run from the last step to the first (``ys`` stay aligned with ``xs``).
       unroll: as in ``jax.lax.scan``.
       hoist: compute a block's input projection ``x_t W_x + b`` for all its
-        steps in one product before the loop. On a 2-core CPU this was
-        slower for the GRU and LSTM (their ``3H``/``4H`` projected values
-        per step are far more memory traffic than the ``D`` inputs), so it is
-        off by default; the inputs' and ``W_x``'s gradients are one product
-        either way.
+        steps in one product before the loop. Off by default: for the GRU
+        and LSTM the ``3H``/``4H`` projected values per step are far more
+        memory traffic than the ``D`` inputs (``docs/layers.md``). The
+        inputs' and ``W_x``'s gradients are one product either way.
       batch_chunks: run each step as this many independent chains, one per
         group of batch rows (the rows' recurrences do not interact), inside
         the same loop. XLA's CPU runtime runs independent operations
         concurrently, so one group's gates and activations run beside
         another's instead of after them. Whether that pays depends on the
-        sizes and the machine: on a 2-core CPU, 2 made the gradient 2-6%,
-        6-9% and 11-21% faster for rnn, gru and lstm at ``B = 32, H = 256``,
-        but up to 48% slower at ``B = 4``, and up to 24% slower for the GRU
-        and LSTM at ``B = 256, H = 128`` (``docs/layers.md`` has the table).
-        So by default (``"auto"``) it is chosen by timing, once per layer
+        cell, the sizes and the machine, either way (``docs/layers.md`` has
+        the table). So by default (``"auto"``) it is chosen by timing, once per layer
         shape: see :func:`choose_batch_chunks`, which says what ``"auto"``
         picks. An int pins it. Values and gradients agree to rounding (the
         split products may round differently in the last bit, so pin an int
