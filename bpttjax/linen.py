@@ -23,10 +23,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from . import _flax
+from ._flax_cells import LINEN
 from .cells._run import check_chunks
 from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
@@ -230,7 +230,7 @@ def _library_params(module: nn.Module, variables: Mapping) -> tuple[str, dict] |
     activations, or variables other than ``"params"``.
     """
     kind = type(module)
-    if kind not in _KNOWN or set(variables) != {"params"}:
+    if kind not in LINEN or set(variables) != {"params"}:
         return None
     if module.activation_fn not in _flax.FLAX_TANH:
         return None
@@ -239,38 +239,5 @@ def _library_params(module: nn.Module, variables: Mapping) -> tuple[str, dict] |
             return None
     elif module.gate_fn not in _flax.FLAX_SIGMOID:
         return None
-    return _KNOWN[kind](variables["params"])
-
-
-def _cat(p: Mapping, names: tuple[str, ...], leaf: str) -> jax.Array:
-    return jnp.concatenate([p[n][leaf] for n in names], axis=-1)
-
-
-def _simple(p: Mapping) -> tuple[str, dict]:
-    return "rnn", {"W_xh": p["i"]["kernel"], "W_hh": p["h"]["kernel"], "b_h": p["i"]["bias"]}
-
-
-def _gru(p: Mapping) -> tuple[str, dict]:
-    return "gru", {
-        "W_x": _cat(p, ("ir", "iz", "in"), "kernel"),
-        "W_h": _cat(p, ("hr", "hz", "hn"), "kernel"),
-        "b_x": _cat(p, ("ir", "iz", "in"), "bias"),
-        "b_hn": p["hn"]["bias"],
-    }
-
-
-def _lstm(p: Mapping) -> tuple[str, dict]:
-    # nn.LSTMCell and nn.OptimizedLSTMCell name their parameters alike.
-    return "lstm", {
-        "W_x": _cat(p, ("ii", "if", "ig", "io"), "kernel"),
-        "W_h": _cat(p, ("hi", "hf", "hg", "ho"), "kernel"),
-        "b": _cat(p, ("hi", "hf", "hg", "ho"), "bias"),
-    }
-
-
-_KNOWN = {
-    nn.SimpleCell: _simple,
-    nn.GRUCell: _gru,
-    nn.LSTMCell: _lstm,
-    nn.OptimizedLSTMCell: _lstm,
-}
+    name, layout = LINEN[kind]
+    return name, layout(variables["params"])

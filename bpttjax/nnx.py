@@ -21,11 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
 
 from . import _flax
+from ._flax_cells import NNX
 from .cells._run import check_chunks
 from .remat import RematStrategy, StoreAll
 from .truncation import TruncationStrategy
@@ -278,7 +278,7 @@ def _library_params(cell: Any) -> tuple[str, dict] | None:
     the cell's own; ``None`` for any other cell or non-default activations.
     """
     kind = type(cell)
-    if kind not in _KNOWN or getattr(cell, "promote_dtype", None) is not _dtypes.promote_dtype:
+    if kind not in NNX or getattr(cell, "promote_dtype", None) is not _dtypes.promote_dtype:
         return None
     if getattr(cell, "activation_fn", None) not in _flax.FLAX_TANH:
         return None
@@ -288,38 +288,5 @@ def _library_params(cell: Any) -> tuple[str, dict] | None:
     elif cell.gate_fn not in _flax.FLAX_SIGMOID:
         return None
     p = nnx.to_pure_dict(nnx.state(cell, nnx.Param))
-    return _KNOWN[kind](p)
-
-
-def _simple(p: dict) -> tuple[str, dict]:
-    i, h = p["dense_i"], p["dense_h"]
-    return "rnn", {"W_xh": i["kernel"], "W_hh": h["kernel"], "b_h": i["bias"]}
-
-
-def _gru(p: dict) -> tuple[str, dict]:
-    i, h = p["dense_i"], p["dense_h"]
-    # nnx.GRUCell has no hidden bias of the candidate (linen's "hn" has one).
-    b_hn = jnp.zeros(h["kernel"].shape[:1], h["kernel"].dtype)
-    return "gru", {"W_x": i["kernel"], "W_h": h["kernel"], "b_x": i["bias"], "b_hn": b_hn}
-
-
-def _lstm(p: dict) -> tuple[str, dict]:
-    cat = lambda names, leaf: jnp.concatenate([p[n][leaf] for n in names], axis=-1)
-    return "lstm", {
-        "W_x": cat(("ii", "if_", "ig", "io"), "kernel"),
-        "W_h": cat(("hi", "hf", "hg", "ho"), "kernel"),
-        "b": cat(("hi", "hf", "hg", "ho"), "bias"),
-    }
-
-
-def _optimized_lstm(p: dict) -> tuple[str, dict]:
-    i, h = p["dense_i"], p["dense_h"]
-    return "lstm", {"W_x": i["kernel"], "W_h": h["kernel"], "b": h["bias"]}
-
-
-_KNOWN = {
-    nnx.SimpleCell: _simple,
-    nnx.GRUCell: _gru,
-    nnx.LSTMCell: _lstm,
-    nnx.OptimizedLSTMCell: _optimized_lstm,
-}
+    name, layout = NNX[kind]
+    return name, layout(p)

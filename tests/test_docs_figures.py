@@ -60,21 +60,29 @@ def table(page: str, header: str) -> tuple[list[str], list[list[str]]]:
     return cells(lines[start]), body
 
 
-TRIPLE = re.compile(r"([\d.,]+) MB \(([\d.]+)%, ([\d.]+)×\)")
+TRIPLE = re.compile(r"([\d.,]+) MB \(([\d.]+)%, ([\d.]+)×(?:, ([\d.]+)–([\d.]+))?\)")
 
 
-def check_triple(cell: str, r: dict, where) -> None:
-    """``"X MB (P%, R×)"``: temp, its share of plain BPTT's, the time ratio."""
+def check_triple(cell: str, r: dict, where, spread: dict | None = None) -> None:
+    """``"X MB (P%, R×)"``: temp, its share of plain BPTT's, the time ratio; with
+    ``spread`` (a row of ``memory_vs_length_runs.csv``), ``"X MB (P%, R×, lo–hi)"``:
+    the median ratio of several runs, then the least and the greatest."""
     m = TRIPLE.fullmatch(cell)
     assert m, (where, cell)
     assert close(m[1], mb(r)), (where, cell, mb(r))
     assert close(m[2], 100 * float(r["memory_ratio"])), (where, cell, r["memory_ratio"])
     assert close(m[3], float(r["time_ratio"])), (where, cell, r["time_ratio"])
+    assert (m[4] is not None) == (spread is not None), (where, cell)
+    if spread is not None:
+        assert close(m[3], float(spread["time_ratio"])), (where, cell, spread)
+        assert close(m[4], float(spread["time_ratio_min"])), (where, cell, spread)
+        assert close(m[5], float(spread["time_ratio_max"])), (where, cell, spread)
+        assert int(spread["runs"]) >= 3, (where, spread)
 
 
 # Tables of "X MB (P%, R×)" per method and length, and the CSV they come from.
 METHOD_TABLES = [
-    ("README.md", "time_vs_memory.csv"),
+    ("README.md", "headline/memory_vs_length.csv"),
     ("docs/benchmark.md", "time_vs_memory.csv"),
     ("docs/experiments/time_vs_memory.md", "time_vs_memory.csv"),
 ]
@@ -84,9 +92,11 @@ METHOD_TABLES = [
 def test_method_tables(page, source):
     head, body = table(page, "| method | T = ")
     lengths = [number(re.search(r"T = ([\d,]+)", h)[1]) for h in head[1:]]
+    runs = source.replace(".csv", "_runs.csv")
     for cells in body:
         for T, cell in zip(lengths, cells[1:], strict=True):
-            check_triple(cell, row(source, cells[0], T), (page, cells[0], T))
+            spread = row(runs, cells[0], T) if (DOCS / runs).exists() else None
+            check_triple(cell, row(source, cells[0], T), (page, cells[0], T), spread)
     assert len(body) >= 7
 
 
