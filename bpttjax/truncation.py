@@ -85,9 +85,13 @@ class TruncationStrategy(abc.ABC):
                 f"got length {length}"
             )
 
-    @abc.abstractmethod
     def scale(self, n: jax.Array, t: jax.Array) -> jax.Array:
         """The factor for the cotangent of the carry entering processing step ``n``."""
+        return self._scale(n, t)
+
+    @abc.abstractmethod
+    def _scale(self, n: jax.Array, t: jax.Array) -> jax.Array:
+        """:meth:`scale`, as each strategy of this module defines it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +134,7 @@ class Truncate(TruncationStrategy):
         if self.every <= 0:
             raise ValueError(f"Truncate(every=...) expects every >= 1, got every={self.every}")
 
-    def scale(self, n, t):
+    def _scale(self, n, t):
         del t
         # n < T <= 2**31 - 1 (checked), so no multiple of a larger `every` is
         # ever reached: clipping it changes no cut, and keeps it an int32 (a
@@ -263,7 +267,7 @@ class RandomTruncate(TruncationStrategy):
                 f"({length},), got shape {np.shape(self.keep_prob)}"
             )
 
-    def scale(self, n, t):
+    def _scale(self, n, t):
         p = jnp.asarray(self.keep_prob)
         if p.ndim == 1:
             p = p[t]
