@@ -277,14 +277,12 @@ def test_the_library_tests_model_is_this_one(cell):
         helpers.assert_trees_close(got, want, rtol=1e-14)
         args = _model.abstract_inputs(cell, 50, 2, 3, 4, jnp.float32)
         assert args == helpers.abstract_inputs(cell, 50, 2, 3, 4, jnp.float32)
-        mine = bj.memory.measure(
-            jax.grad(functools.partial(_model.loss, cell=cell, remat=remat)), *args
+        # the same jaxpr compiles to the same program, so to the same memory
+        mine = jax.make_jaxpr(jax.grad(functools.partial(_model.loss, cell=cell, remat=remat)))
+        theirs = jax.make_jaxpr(
+            jax.grad(functools.partial(helpers.model_loss, cell=cell, remat=remat))
         )
-        theirs = bj.memory.measure(
-            jax.grad(functools.partial(helpers.model_loss, cell=cell, remat=remat)), *args
-        )
-        bytes_of = lambda r: (r.temp_bytes, r.argument_bytes, r.output_bytes)  # noqa: E731
-        assert bytes_of(mine) == bytes_of(theirs)
+        assert str(mine(*args)) == str(theirs(*args))
     assert _model.carry_bytes(cell, 2, 5, jnp.float32) == helpers.carry_bytes(
         cell, 2, 5, jnp.float32
     )
