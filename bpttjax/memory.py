@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,16 @@ from jax.sharding import Sharding
 
 from .remat import RematStrategy, StepCosts
 
-__all__ = ["MemoryReport", "StepCosts", "measure", "predict", "step_costs", "tree_bytes"]
+__all__ = [
+    "ControlFlow",
+    "MemoryReport",
+    "StepCosts",
+    "control_flow",
+    "measure",
+    "predict",
+    "step_costs",
+    "tree_bytes",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +133,72 @@ def measure(fn: Callable, *args: Any, run: bool = False, **kwargs: Any) -> Memor
         peak_bytes=int(peak) if peak else None,
         device_peak_bytes=device_peak,
         devices=max(len(devices), 1),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlFlow:
+    """The loops and conditionals of one compiled program, as XLA optimized it.
+
+    On XLA:GPU a ``while`` loop whose trip count XLA cannot prove copies its
+    predicate to the host and waits for the device before every iteration,
+    and a ``conditional`` copies its branch index to the host and waits
+    before it runs. A loop with a known trip count (``lax.scan``,
+    ``fori_loop`` with Python-int bounds: XLA annotates it with
+    ``known_trip_count``) is queued without waiting. So a program with
+    ``unknown_trip_loops == conditionals == 0`` keeps its control flow on the
+    device. On a CPU both kinds run on the host anyway; on TPU, loops run on
+    the device either way.
+
+    Attributes:
+      while_loops: ``while`` instructions in the optimized program.
+      unknown_trip_loops: those without a ``known_trip_count``.
+      conditionals: ``conditional`` instructions (``lax.cond``, ``lax.switch``
+        that XLA did not fold away).
+
+    These count instructions, not executions: a conditional inside a loop of
+    ``T`` iterations runs ``T`` times.
+    """
+
+    while_loops: int
+    unknown_trip_loops: int
+    conditionals: int
+
+    @property
+    def on_device(self) -> bool:
+        """No unknown-trip loop and no conditional: nothing waits for the host."""
+        return self.unknown_trip_loops == 0 and self.conditionals == 0
+
+
+_WHILE = re.compile(r"=\s.*?\bwhile\(")
+_CONDITIONAL = re.compile(r"=\s.*?\bconditional\(")
+_KNOWN_TRIP = re.compile(r'"known_trip_count":\{"n":"\d+"')
+
+
+def control_flow(fn: Callable, *args: Any, **kwargs: Any) -> ControlFlow:
+    """Compile ``fn(*args, **kwargs)`` with ``jax.jit`` and count its host-decided control flow.
+
+    Args:
+      fn: any jittable function, typically ``jax.grad(loss)``.
+      *args, **kwargs: example inputs (arrays or ``jax.ShapeDtypeStruct``), as
+        for :func:`measure`.
+
+    Returns:
+      A :class:`ControlFlow` read from the optimized HLO (``compiled.as_text()``)
+      for the default backend, or the one the inputs live on.
+
+    Example:
+      >>> cf = bj.memory.control_flow(jax.grad(loss), params, xs)
+      >>> cf.unknown_trip_loops, cf.conditionals  # (0, 0) for StoreAll, EveryStep, Nested
+    """
+    if not callable(fn):
+        raise TypeError(f"control_flow(fn=...) expects a callable, got {type(fn).__name__}")
+    text = jax.jit(fn).lower(*args, **kwargs).compile().as_text() or ""
+    loops = [line for line in text.splitlines() if _WHILE.search(line)]
+    return ControlFlow(
+        while_loops=len(loops),
+        unknown_trip_loops=sum(not _KNOWN_TRIP.search(line) for line in loops),
+        conditionals=sum(bool(_CONDITIONAL.search(line)) for line in text.splitlines()),
     )
 
 
