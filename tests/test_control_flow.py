@@ -41,8 +41,6 @@ def scan_grad(remat, reverse=False, truncation=None):
 
 CASES = [(remat, False, None) for remat in ON_DEVICE] + [
     (bj.StoreAll(), True, bj.Truncate(5)),
-    (bj.EveryStep(), True, None),
-    (bj.Nested(2), False, bj.Truncate(5)),
     (bj.Nested(3), True, bj.Truncate(5)),
 ]
 
@@ -53,7 +51,7 @@ def test_scan_schedules_keep_control_flow_on_the_device(remat, reverse, truncati
     assert cf.on_device and cf.while_loops >= 1, (remat, cf)
 
 
-@pytest.mark.parametrize("remat", [bj.StoreAll(), bj.Nested(2), bj.EveryStep()], ids=repr)
+@pytest.mark.parametrize("remat", [bj.StoreAll(), bj.Nested(2)], ids=repr)
 def test_fused_layers_keep_control_flow_on_the_device(remat):
     params = bj.cells.init_lstm(jax.random.key(0), D, H, jnp.float64)
     xs = jnp.ones((T, B, D))

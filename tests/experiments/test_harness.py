@@ -265,19 +265,15 @@ def test_a_cell_without_peers_has_no_peer_methods():
 @pytest.mark.parametrize("cell", CELLS)
 def test_the_library_tests_model_is_this_one(cell):
     """tests/helpers.py keeps its own copy of the benchmark model (the library tests
-    import nothing from experiments/): the same values and the same compiled memory."""
+    import nothing from experiments/): the same parameters and the same jaxpr of the
+    gradient, so the same values and the same compiled memory."""
     params = _model.init_model(jax.random.key(0), cell, 3, 5, jnp.float64)
     helpers.assert_trees_equal(
         params, helpers.init_model(jax.random.key(0), cell, 3, 5, jnp.float64)
     )
-    xs = jnp.asarray(np.random.default_rng(0).standard_normal((6, 2, 3)))
     for remat in (None, bj.Binomial(2)):
-        want = jax.grad(functools.partial(_model.loss, cell=cell, remat=remat))(params, xs)
-        got = jax.grad(functools.partial(helpers.model_loss, cell=cell, remat=remat))(params, xs)
-        helpers.assert_trees_close(got, want, rtol=1e-14)
         args = _model.abstract_inputs(cell, 50, 2, 3, 4, jnp.float32)
         assert args == helpers.abstract_inputs(cell, 50, 2, 3, 4, jnp.float32)
-        # the same jaxpr compiles to the same program, so to the same memory
         mine = jax.make_jaxpr(jax.grad(functools.partial(_model.loss, cell=cell, remat=remat)))
         theirs = jax.make_jaxpr(
             jax.grad(functools.partial(helpers.model_loss, cell=cell, remat=remat))
