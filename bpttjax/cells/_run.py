@@ -255,18 +255,19 @@ def choose_batch_chunks(
 ) -> int:
     """The ``batch_chunks`` that :func:`run` picks for ``"auto"`` (its default).
 
-    On a CPU backend with one device and at least two cores, for a batch of
-    at least 16 rows shared by ``carry`` and ``xs``: the gradient of
-    ``run`` over its first steps (128, or fewer where a step is large: about
-    8 GFLOP in all, at least 16 steps) is compiled with 1 and with 2 chains,
-    called in turn a few times (at least 3 each, up to 15, about a second in
-    all), and 2 is kept if its fastest call took under 97% of 1's. The answer
-    is cached for the layer's shapes, dtypes and options, so a layer is timed
-    once per process. Everywhere else the answer is 1, without timing.
+    On a CPU backend with one device and at least two cores, for a batch
+    large enough to split: the gradient of ``run`` over its first steps (a
+    probe long enough that the per-step work dominates) is compiled with 1
+    and with 2 chains, called in turn a few times, and 2 is kept only if it
+    is faster by a margin, so that a tie keeps the simpler program
+    (``docs/layers.md`` gives the sizes, the rounds and the margin). The
+    answer is cached for the layer's shapes, dtypes and options, so a layer
+    is timed once per process. Everywhere else the answer is 1, without
+    timing.
 
-    Call it once and pass the result to ``run`` to fix the choice (timings
-    vary between runs near the 97% line, and 1 and 2 chains may round
-    differently in the last bit).
+    Call it once and pass the result to ``run`` to fix the choice (near the
+    margin the timing can go either way between runs, and 1 and 2 chains may
+    round differently in the last bit).
 
     Args:
       cell, params, carry, xs, hoist: as :func:`run` (only their shapes and
