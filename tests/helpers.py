@@ -12,6 +12,10 @@ every parametrized test through its ``examples()``, a cell registered with
 from __future__ import annotations
 
 import functools
+import os
+import re
+import subprocess
+import sys
 
 import chex
 import jax
@@ -154,3 +158,24 @@ def grid_temp(cell: str, loss: str, remat, params, xs, hidden: int) -> int:
         return jnp.mean(ys**2) if loss == "readme" else jnp.mean(ys)
 
     return bj.memory.measure(jax.grad(fn), params, xs).temp_bytes
+
+
+# --- a script on simulated CPU devices ----------------------------------------------------
+
+
+def run_on_cpu_devices(script: str, *args: str, devices: int = 8, path: str = "") -> str:
+    """Run ``python script *args`` in a fresh process with ``devices`` simulated CPU
+    devices (XLA's flag set before JAX starts; also where a GPU is present), with
+    ``path`` in front of ``PYTHONPATH``; return its output, asserting it exited 0."""
+    env = dict(os.environ)
+    flag = "--xla_force_host_platform_device_count"
+    flags = re.sub(rf"{flag}=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} {flag}={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"{os.path.basename(script)} failed:\n" + out
+    return out

@@ -8,11 +8,9 @@ that failed.
 """
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
+from helpers import run_on_cpu_devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,20 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.slow
 @pytest.mark.parametrize("part", ["1/2", "2/2"])
 def test_sharded_checks_on_8_devices(part):
-    env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    env["JAX_PLATFORMS"] = "cpu"  # simulated devices, also where a GPU is present
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.path.dirname(HERE), env.get("PYTHONPATH")) if p
+    out = run_on_cpu_devices(
+        os.path.join(HERE, "_sharded_checks.py"), "--part", part, path=os.path.dirname(HERE)
     )
-    done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_sharded_checks.py"), "--part", part],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, "sharded checks failed:\n" + out
     assert "0 failed" in out and "FAIL " not in out

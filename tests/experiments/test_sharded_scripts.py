@@ -7,12 +7,11 @@ the rest of the suite runs on one).
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
 import study
+from helpers import run_on_cpu_devices
 
 from experiments import _cli
 from experiments._sweep import MemoryRow
@@ -24,20 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 @pytest.mark.slow
 def test_scripts_on_8_devices():
-    env = dict(os.environ)
-    flags = _cli.DEVICE_FLAG.sub("", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    env["JAX_PLATFORMS"] = "cpu"  # simulated devices, also where a GPU is present
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_sharded_script_checks.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, "sharded script checks failed:\n" + out
+    out = run_on_cpu_devices(os.path.join(HERE, "_sharded_script_checks.py"), path=ROOT)
     assert "2 checks on 8 devices, 0 failed" in out and "FAIL " not in out
 
 
