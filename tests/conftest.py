@@ -37,3 +37,13 @@ def llvm_optimized():
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tests marked ``slow`` first (a stable sort, so each file keeps its order).
+
+    ``pytest -n auto --dist worksteal`` hands each worker a share of the list and
+    lets an idle worker take tests from the others' queues; a minute-long test
+    that starts last keeps one worker busy while the others have nothing left.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -279,6 +279,7 @@ def test_binomial_1_is_compiled_when_the_model_says_nothing_fits(monkeypatch):
         bj.Budget(one - 1).plan(step, h0, xs)
 
 
+@pytest.mark.slow
 def test_policy_is_chosen_between_store_all_and_every_step():
     params, xs, h0 = problem("lstm", 300)
     step = helpers.make_step("lstm", params)

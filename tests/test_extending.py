@@ -89,6 +89,7 @@ class Lavish(bj.RematStrategy):
         return (cls(),)
 
 
+@pytest.mark.slow
 def test_budget_picks_a_registered_strategy_that_fits_best(registered):
     params, xs, h0, step = problem()
     budget = bj.Budget(int(0.2 * plain_bytes(step, h0, xs)))  # under EveryStep's floor

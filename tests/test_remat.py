@@ -64,6 +64,7 @@ def check_against_store_all(cell, T, batch, hidden, remat, reverse=False, trunca
     assert_trees_close(grad(remat), grad(bj.StoreAll()))
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(
     cell=st.sampled_from(CELLS),

@@ -11,6 +11,8 @@ from experiments import _cli
 from experiments._table import Table
 from experiments.tasks import adding
 
+pytestmark = pytest.mark.slow  # its module fixture runs the script
+
 SCRIPT = study.load("long_range")
 
 BASELINE = adding.ADDING_BASELINE_MSE

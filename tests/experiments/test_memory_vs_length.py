@@ -12,6 +12,8 @@ from experiments._harness import BASELINE
 from experiments._sweep import MemoryRow
 from experiments._table import Table
 
+pytestmark = pytest.mark.slow  # its module fixture runs the script
+
 SCRIPT = study.load("memory_vs_length")
 NAMES = tuple(m.name for m in SCRIPT.METHODS)
 """The methods of the study, and its CSV's method column."""

@@ -1,11 +1,14 @@
 """experiments/time_vs_memory.py at tiny sizes, through its command line."""
 
+import pytest
 import study
 
 from experiments._harness import BASELINE
 from experiments._methods import METHODS
 from experiments._sweep import MemoryRow
 from experiments._table import Table
+
+pytestmark = pytest.mark.slow  # its module fixture runs the script
 
 NAMES = tuple(m.name for m in METHODS if m.has_model)
 

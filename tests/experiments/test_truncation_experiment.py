@@ -7,6 +7,8 @@ import study
 
 from experiments._table import Table
 
+pytestmark = pytest.mark.slow  # its module fixture runs the script
+
 SCRIPT = study.load("truncation")
 
 
