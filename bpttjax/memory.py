@@ -157,7 +157,9 @@ class ControlFlow:
         that XLA did not fold away).
 
     These count instructions, not executions: a conditional inside a loop of
-    ``T`` iterations runs ``T`` times.
+    ``T`` iterations runs ``T`` times. How many times one gradient waits for
+    the host, each strategy states in its cost
+    (:attr:`bpttjax.remat.Cost.host_events`).
     """
 
     while_loops: int

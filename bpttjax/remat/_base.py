@@ -62,10 +62,22 @@ class Cost:
     Attributes:
       temp_bytes: predicted working memory (XLA's ``temp_size_in_bytes``).
       recomputed_steps: step evaluations beyond plain BPTT's ``T``.
+      host_events: the times the gradient's control flow waits for the host.
+        One event is one evaluation of the predicate of a ``while`` loop
+        whose trip count XLA cannot prove (a loop of ``i`` iterations makes
+        ``i + 1``: the predicate is tested once more to exit), or one
+        execution of a conditional (``lax.cond``, ``lax.switch``). On XLA:GPU
+        each one copies a predicate or branch index to the host and waits
+        for the device, so they cost time however small the step; a loop
+        with a known trip count (``lax.scan``, ``fori_loop`` with Python-int
+        bounds) is queued without waiting. 0, the default, for a schedule
+        made of such loops only; :func:`bpttjax.memory.control_flow` shows
+        which loops and conditionals a compiled gradient has.
     """
 
     temp_bytes: int
     recomputed_steps: int
+    host_events: int = 0
 
 
 class RematStrategy(abc.ABC):
@@ -156,7 +168,7 @@ class RematStrategy(abc.ABC):
 
     @abc.abstractmethod
     def cost(self, length: int, costs: StepCosts) -> Cost:
-        """Predicted temp bytes and recomputed steps for ``length`` steps."""
+        """Predicted temp bytes, recomputed steps and host events for ``length`` steps."""
 
     def check(self, length: int) -> None:
         """Refuse a sequence of ``length`` steps this strategy cannot run, before any

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import jax
 
-from . import _revolve
+from . import _revolve, _revolve_events
 from ._base import Cost, RematStrategy, register
 
 __all__ = ["Binomial"]
@@ -36,7 +36,10 @@ class Binomial(RematStrategy):
     pass is one loop that restores, recomputes and reverses one step at a
     time, adding into one set of parameter-gradient accumulators. The
     schedule is computed inside the loop, so the compiled program does not
-    grow with ``T``.
+    grow with ``T``. The price is control flow that the data decide: loops
+    without a known trip count and ``lax.cond``, which on a GPU wait for the
+    host at every test; ``cost(...).host_events`` counts those waits, about
+    two per step evaluation (``Nested`` makes none).
 
     Args:
       snapshots: ``s >= 1``, the carries stored (the first is ``init``).
@@ -120,7 +123,7 @@ class Binomial(RematStrategy):
         # indices, small buffers that XLA aligns to 64 bytes.
         s, C = self.snapshots, costs.carry_bytes
         temp = (s + 2) * C + 4 * s + costs.overhead_bytes + _ENGINE_BYTES
-        return Cost(temp, self.recomputed_steps(length))
+        return Cost(temp, self.recomputed_steps(length), _revolve_events.host_events(length, s))
 
     def scan(self, f, init, xs, length, reverse, unroll):
         if length == 0:

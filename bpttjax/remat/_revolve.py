@@ -23,13 +23,16 @@ How it runs. ``binomial_scan`` is a ``jax.custom_vjp``:
 
 * forward: one loop over the steps that writes ``ys`` and places the first
   sweep's snapshots in a buffer of ``s`` carries;
-* backward: one loop with one iteration per step to reverse. Each iteration
+* backward: one loop with one iteration per step to reverse (a known trip
+  count, unless ``steps`` is given). Each iteration
   restores the newest snapshot, advances (storing new snapshots where the
   schedule says), then reverses one step with ``jax.vjp`` and adds the
   parameters' cotangent into a single accumulator.
 
 The schedule is computed inside the loops from integers (no table of
-actions), so the compiled program has the same size for every ``T``.
+actions), so the compiled program has the same size for every ``T``. Its
+inner loops' trip counts and its ``lax.cond`` branches are data, which on a
+GPU the host waits for: :func:`._revolve_events.host_events` counts them.
 
 Known costs, stated here rather than hidden: every forward step writes the
 carry into the snapshot buffer (a select, so that the buffer never holds a
@@ -58,7 +61,20 @@ import numpy as np
 from .._trace import linearized, transposed
 from .._tree import index, split_diff, stack_zeros, store, with_zeros, zero_cotangent
 
-__all__ = ["beta", "binomial_advances", "binomial_scan", "binomial_steps"]
+__all__ = [
+    "UNSUPPORTED",
+    "beta",
+    "binomial_advances",
+    "binomial_scan",
+    "binomial_steps",
+    "has_jvp",
+    "primal",
+    "refuse_second_order",
+    "split",
+    "step_index",
+    "step_vjp",
+    "sweeps",
+]
 
 _I32 = jnp.int32
 _INT32_MAX = np.iinfo(np.int32).max
@@ -74,12 +90,17 @@ def beta(s: int, r: int) -> int:
     return math.comb(s + r, s) if r >= 0 else 0
 
 
-def _sweeps(length: int, snapshots: int) -> int:
-    """The smallest ``r`` with ``β(snapshots, r) >= length``."""
-    r = 0
-    while beta(snapshots, r) < length:
-        r += 1
-    return r
+def sweeps(length: int, snapshots: int) -> int:
+    """The smallest ``r`` with ``β(snapshots, r) >= length`` (doubling, then bisection)."""
+    if length <= 1:
+        return 0
+    lo, hi = 0, 1  # β(snapshots, lo) < length throughout
+    while beta(snapshots, hi) < length:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if beta(snapshots, mid) >= length else (mid, hi)
+    return hi
 
 
 def binomial_advances(length: int, snapshots: int) -> int:
@@ -93,7 +114,7 @@ def binomial_advances(length: int, snapshots: int) -> int:
         return 0
     if snapshots == 1:  # one snapshot: replay from the start for every step
         return length * (length - 1) // 2
-    r = _sweeps(length, snapshots)
+    r = sweeps(length, snapshots)
     return r * length - beta(snapshots + 1, r - 1)
 
 
@@ -113,7 +134,7 @@ def split(n: int, k: int) -> int:
     """
     if k == 1:
         return n - 1
-    r = _sweeps(n, k)
+    r = sweeps(n, k)
     return max(beta(k, r - 2), n - beta(k - 1, r), 1)
 
 
@@ -199,20 +220,20 @@ def binomial_scan(
     """
     x0 = None if xs is None else index(xs, jnp.zeros((), _I32))
     closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
-    by_jvp = _has_jvp(closed, init, x0, consts)
+    by_jvp = has_jvp(closed, init, x0, consts)
     n = jnp.asarray(length if steps is None else steps, _I32)
     spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap), by_jvp)
     if any(linearized(x) for x in jax.tree.leaves((consts, init, xs))):
-        raise TypeError(_UNSUPPORTED.format(what="forward-mode jax.linearize of the scan"))
+        raise TypeError(UNSUPPORTED.format(what="forward-mode jax.linearize of the scan"))
     try:
         return _scan(spec, closed, list(consts), init, xs, n)
     except TypeError as err:
         if "forward-mode autodiff" not in str(err):
             raise
-        raise TypeError(_UNSUPPORTED.format(what="forward-mode jax.jvp of the scan")) from err
+        raise TypeError(UNSUPPORTED.format(what="forward-mode jax.jvp of the scan")) from err
 
 
-_UNSUPPORTED = (
+UNSUPPORTED = (
     "bj.Binomial does not support {what}: it is a jax.custom_vjp, which has no "
     "forward-mode rule, and its backward pass is a while loop that reverse mode cannot "
     "differentiate again. Use remat=bj.Nested(levels) here, which supports every "
@@ -221,7 +242,7 @@ _UNSUPPORTED = (
 )
 
 
-def _refuse_second_order(bwd: Callable) -> Callable:
+def refuse_second_order(bwd: Callable) -> Callable:
     """Refuse, with an error naming ``Nested``, to be differentiated in reverse mode.
 
     Under ``grad∘grad`` the backward pass runs under the outer ``grad``'s
@@ -236,7 +257,7 @@ def _refuse_second_order(bwd: Callable) -> Callable:
         leaves = jax.tree.leaves((residuals, cotangents))
         if any(map(transposed, leaves)):
             what = "reverse-mode differentiation of its gradient"
-            raise TypeError(_UNSUPPORTED.format(what=what))
+            raise TypeError(UNSUPPORTED.format(what=what))
         return bwd(spec, closed, residuals, cotangents)
 
     return wrapped
@@ -257,14 +278,14 @@ def _scan(spec, closed, consts, init, xs, n):
     return _forward(spec, closed, consts, init, xs, n)[0]
 
 
-def _step_index(n, reverse):
+def step_index(n, reverse):
     return (lambda t: n - 1 - t) if reverse else (lambda t: t)
 
 
 def _forward(spec, closed, consts, init, xs, n):
     """Run steps ``0 .. n−2`` storing the first sweep's snapshots, then the VJP of the last."""
     length, snapshots, reverse, unroll, static, _, by_jvp = spec
-    idx = _step_index(n, reverse)
+    idx = step_index(n, reverse)
     x_at = lambda t: None if xs is None else index(xs, idx(t))
     _, y_shape = jax.eval_shape(closed, init, x_at(0), *consts)
     pos = _first_sweep(n, snapshots)
@@ -276,7 +297,7 @@ def _forward(spec, closed, consts, init, xs, n):
         k = k + push.astype(_I32)
         keep = jax.tree.map(lambda c, b: jnp.where(push, c, b[k]), carry, buf)
         buf = store(buf, k, keep)
-        carry, y = _primal(closed, carry, x_at(t), consts, by_jvp)
+        carry, y = primal(closed, carry, x_at(t), consts, by_jvp)
         return carry, buf, store(ys, idx(t), y), k
 
     ys = stack_zeros(length, y_shape)
@@ -285,12 +306,12 @@ def _forward(spec, closed, consts, init, xs, n):
         carry, buf, ys, k = jax.lax.fori_loop(0, length - 1, body, state, unroll=unroll)
     else:
         carry, buf, ys, k = jax.lax.fori_loop(0, n - 1, body, state)
-    (carry, y), last_vjp = _vjp(closed, consts, carry, x_at(n - 1))
+    (carry, y), last_vjp = step_vjp(closed, consts, carry, x_at(n - 1))
     ys = store(ys, idx(n - 1), y)
     return (carry, ys), (buf, pos, k, last_vjp)
 
 
-def _primal(closed, carry, x, consts, by_jvp):
+def primal(closed, carry, x, consts, by_jvp):
     """The step's outputs, computed as the primal half of its JVP.
 
     The same values as ``closed(carry, x, *consts)``. The difference shows
@@ -302,7 +323,7 @@ def _primal(closed, carry, x, consts, by_jvp):
     A step that calls a ``jax.custom_vjp`` function (gradient clipping, a
     library's fused op) has no JVP; it is then called as it is, which gives
     the same values (and ``jvp∘grad`` of such a step fails inside JAX with
-    any strategy); ``by_jvp`` is ``False`` for such a step (:func:`_has_jvp`).
+    any strategy); ``by_jvp`` is ``False`` for such a step (:func:`has_jvp`).
     """
     if not by_jvp:
         return closed(carry, x, *consts)
@@ -311,7 +332,7 @@ def _primal(closed, carry, x, consts, by_jvp):
     return jax.jvp(lambda c, x, k: closed(c, x, *k), args, zeros)[0]
 
 
-def _has_jvp(closed, init, x0, consts) -> bool:
+def has_jvp(closed, init, x0, consts) -> bool:
     """Whether the step can run under ``jax.jvp``: not if it calls a ``custom_vjp`` function.
 
     JAX traces the JVP of a ``custom_vjp`` call without complaint and fails
@@ -334,7 +355,7 @@ def _calls_custom_vjp(jaxpr) -> bool:
     return False
 
 
-def _vjp(closed, consts, carry, x):
+def step_vjp(closed, consts, carry, x):
     """``jax.vjp`` of one step with respect to its inexact inputs only.
 
     Returns the step's outputs and ``pull(ct_carry, ct_y)``, which maps the
@@ -363,13 +384,13 @@ def _scan_fwd(spec, closed, consts, init, xs, n):
 
 
 def _scan_bwd(spec, closed, residuals, cotangents):
-    length, snapshots, reverse, _, _, overlap, by_jvp = spec
+    length, snapshots, reverse, _, static, overlap, by_jvp = spec
     consts, init, xs, n, (buf, pos, k, last_vjp) = residuals
     ct_carry, ct_ys = cotangents
     ct_ys = split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
-    idx = _step_index(n, reverse)
+    idx = step_index(n, reverse)
     x_at = lambda t: None if xs is None else index(xs, idx(t))
-    step = lambda c, t: _primal(closed, c, x_at(t), consts, by_jvp)[0]
+    step = lambda c, t: primal(closed, c, x_at(t), consts, by_jvp)[0]
 
     # youturn: the last step's residuals came from the forward pass
     g_consts, g_carry, g_x = last_vjp(split_diff(ct_carry)[0], index(ct_ys, idx(n - 1)))
@@ -415,7 +436,7 @@ def _scan_bwd(spec, closed, residuals, cotangents):
         """
         e, k, buf, pos, state, g_consts, g_carry, xs_bar = loop
         e = e - 1
-        _, pull = _vjp(closed, consts, state, x_at(e))
+        _, pull = step_vjp(closed, consts, state, x_at(e))
         d_consts, g_carry, g_x = pull(g_carry, index(ct_ys, idx(e)))
         g_carry = _live_until(g_carry, split_diff(state)[0], e < 0)
         g_consts = jax.tree.map(jnp.add, g_consts, d_consts)
@@ -429,7 +450,11 @@ def _scan_bwd(spec, closed, residuals, cotangents):
 
     k, buf, pos, state = restore_and_advance(n - 1, k, buf, pos)
     loop = (n - 1, k, buf, pos, state, g_consts, g_carry, xs_bar)
-    *_, g_consts, g_carry, xs_bar = jax.lax.while_loop(lambda s: s[0] > 0, reverse_one, loop)
+    if static:  # a known trip count: XLA queues the iterations without asking the host
+        loop = jax.lax.fori_loop(0, length - 1, lambda _, loop: reverse_one(loop), loop)
+    else:
+        loop = jax.lax.while_loop(lambda s: s[0] > 0, reverse_one, loop)
+    *_, g_consts, g_carry, xs_bar = loop
     ct_xs = None if xs_bar is None else with_zeros(xs, xs_bar)  # xs_bar is None iff xs is
     return with_zeros(list(consts), g_consts), with_zeros(init, g_carry), ct_xs, None
 
@@ -482,4 +507,4 @@ def _unsharded_axis(x: jax.Array) -> int | None:
     return axes[0] if jax.device_count() == 1 else axes[-1]
 
 
-_scan.defvjp(_scan_fwd, _refuse_second_order(_scan_bwd))
+_scan.defvjp(_scan_fwd, refuse_second_order(_scan_bwd))
