@@ -41,6 +41,9 @@ def run(script: str, argv: Sequence[str] = ()) -> None:
     sys.argv = [os.path.join(HERE, f"{script}.py"), *map(str, argv)]
     try:
         if __package__:
+            # as `python -m` would: a copy imported earlier (a test that read its
+            # names) is not this run's __main__, and runpy warns about it
+            sys.modules.pop(f"{__package__}.{script}", None)
             runpy.run_module(f"{__package__}.{script}", run_name="__main__", alter_sys=True)
         else:
             runpy.run_path(sys.argv[0], run_name="__main__")

@@ -28,9 +28,10 @@ import bpttjax as bj
 def strategy_id(strategy: bj.RematStrategy) -> str:
     """A short test id: ``Binomial(snapshots=3)`` -> ``Binomial-3``."""
     text = repr(strategy)
-    for name in ("policy=", "levels=", "lengths=", "snapshots=", "overlap=", "bytes=", "policies="):
+    for name in ("policy=", "levels=", "lengths=", "snapshots=", "bytes=", "policies="):
         text = text.replace(name, "")
     text = text.replace("DotsSaveable(only_if_no_batch_dims=False)", "dots")
+    text = text.replace("static=True", "static").replace("overlap=False", "sequential")
     for a, b in (("(", "-"), (")", ""), (", ", "-"), (" ", ""), ("None", ""), ("True", "")):
         text = text.replace(a, b)
     return text.replace(",", "").replace("--", "-").strip("-")

@@ -73,11 +73,15 @@ class Cost:
         bounds) is queued without waiting. 0, the default, for a schedule
         made of such loops only; :func:`bpttjax.memory.control_flow` shows
         which loops and conditionals a compiled gradient has.
+      wasted_pullbacks: step pullbacks run and thrown away, beyond the ``T``
+        that every gradient needs: work a schedule does to avoid a host
+        decision (``Binomial(static=True)`` pulls back at every action).
     """
 
     temp_bytes: int
     recomputed_steps: int
     host_events: int = 0
+    wasted_pullbacks: int = 0
 
 
 class RematStrategy(abc.ABC):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import jax
 
-from . import _revolve, _revolve_events
+from . import _revolve, _revolve_events, _revolve_table
 from ._base import Cost, RematStrategy, register
 
 __all__ = ["Binomial"]
@@ -48,7 +48,18 @@ class Binomial(RematStrategy):
         (default), or one after the other. It changes time only, never
         values, the schedule or the memory. Overlapping pays on a CPU when
         one step's matrix products are too small to keep every thread busy,
-        and can cost a little when they are large.
+        and can cost a little when they are large. The static engine
+        ignores it.
+      static: run the same schedule as data (``bpttjax.remat._revolve_table``):
+        the host lists revolve's actions while tracing (two bits each, cached
+        per ``(T, s)``) and the device runs them in two loops of known trip
+        count, with no ``cond``, so that a GPU never waits for the host
+        (``cost(...).host_events`` is 0). Each action runs the step's VJP
+        and keeps what it needs, so the backward pass's advances,
+        ``recomputed_steps − (T − 1)``, each run a pullback that is thrown
+        away (``Cost.wasted_pullbacks``); the memory is one carry more (a
+        spare snapshot slot) plus the table. Choose it on a GPU or TPU; on a
+        CPU, where a host decision costs little, the default is faster.
 
     Memory: ``s + 2`` carries (the snapshots, the state being advanced and
     the state being pulled back), one step's residuals (the last step's are
@@ -75,13 +86,16 @@ class Binomial(RematStrategy):
 
     snapshots: int
     overlap: bool = True
+    static: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.overlap, bool):
-            raise TypeError(
-                "Binomial(overlap=...) expects True or False, got "
-                f"{type(self.overlap).__name__}: {self.overlap!r}"
-            )
+        for name in ("overlap", "static"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"Binomial({name}=...) expects True or False, got "
+                    f"{type(value).__name__}: {value!r}"
+                )
         s = self.snapshots
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(
@@ -95,12 +109,23 @@ class Binomial(RematStrategy):
 
     def __repr__(self):
         extra = "" if self.overlap else ", overlap=False"
+        extra += ", static=True" if self.static else ""
         return f"Binomial(snapshots={self.snapshots}{extra})"
+
+    @classmethod
+    def from_arg(cls, arg):
+        """``binomial:N`` is ``Binomial(N)``, ``binomial:N:static`` ``Binomial(N, static=True)``."""
+        head, colon, tail = ("" if arg is None else arg).rpartition(":")
+        if not colon or tail.strip().lower() != "static":
+            return super().from_arg(arg)
+        plain = super().from_arg(head.strip())
+        assert isinstance(plain, Binomial)
+        return dataclasses.replace(plain, static=True)
 
     @classmethod
     def examples(cls):
         # Binomial(1) and s >= T are covered by test_binomial.py's counts and order
-        return (cls(3),)
+        return (cls(3), cls(3, static=True))
 
     @classmethod
     def candidates(cls, length, costs):
@@ -122,6 +147,17 @@ class Binomial(RematStrategy):
         # other buffers, so this errs high); the engine's loop counters and
         # indices, small buffers that XLA aligns to 64 bytes.
         s, C = self.snapshots, costs.carry_bytes
+        if self.static:
+            # the static engine keeps at most T − 1 snapshots, plus a spare slot
+            # that advances which store nothing write into, each with its int32
+            # position; and the table of actions, a constant of the program that
+            # the device holds but XLA's temp_size_in_bytes does not count
+            s = _revolve_table.slots(length, s)
+            plan = _revolve_table.schedule(max(length, 1), s)
+            temp = (s + 3) * C + 4 * (s + 1) + plan.table_bytes
+            temp += costs.overhead_bytes + _ENGINE_BYTES
+            wasted = max(self.recomputed_steps(length) - (length - 1), 0)
+            return Cost(temp, self.recomputed_steps(length), wasted_pullbacks=wasted)
         temp = (s + 2) * C + 4 * s + costs.overhead_bytes + _ENGINE_BYTES
         return Cost(temp, self.recomputed_steps(length), _revolve_events.host_events(length, s))
 
@@ -132,6 +168,8 @@ class Binomial(RematStrategy):
             raise ValueError(
                 f"Binomial supports sequences of up to 2**30 steps, got length {length}"
             )
+        if self.static:
+            return _revolve_table.table_scan(f, init, xs, length, self.snapshots, reverse, unroll)
         return _revolve.binomial_scan(
             f, init, xs, length, self.snapshots, reverse, unroll, overlap=self.overlap
         )
