@@ -60,8 +60,7 @@ _SAFETY = 0.95
 budget: such predictions are within a few percent of XLA's. A prediction that is a line
 through two compilations of the strategy itself (``StoreAll``, a policy) may use it all."""
 _FUSED_NESTED_OVER = 1.5  # forward passes; see Budget._layer_strategy
-_CHECKS = 4
-"""Choices compiled and measured before a budget the model keeps missing is refused."""
+_CHECKS = 4  # choices compiled and measured before a budget the model keeps missing is refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,7 +421,8 @@ class Budget(RematStrategy):
 
     def cost(self, length, costs):
         plan = self.choose(length, costs)
-        return Cost(plan.temp_bytes, plan.recomputed_steps)
+        own = plan.strategy.cost(length, costs)  # its host events and wasted pullbacks
+        return Cost(plan.temp_bytes, plan.recomputed_steps, own.host_events, own.wasted_pullbacks)
 
     def scan(self, f, init, xs, length, reverse, unroll):
         x0 = None if xs is None else jax.tree.map(lambda a: a[0], xs)

@@ -203,3 +203,16 @@ def test_it_tells_known_from_unknown_trip_counts_and_counts_conditionals():
 def test_rejects_what_is_not_a_function():
     with pytest.raises(TypeError, match=r"control_flow\(fn=...\) expects a callable, got int"):
         bj.memory.control_flow(3, jnp.ones(2))
+
+
+def test_a_budgets_cost_carries_its_choices_host_events():
+    """``Budget.cost`` is its choice's: a budget that only revolve fits states revolve's
+    host events (and, where it runs the static engine, its wasted pullbacks)."""
+    costs = bj.remat.StepCosts(carry_bytes=1_000, residual_bytes=4_000, overhead_bytes=0)
+    budget = bj.Budget(30_000)
+    chosen = budget.choose(T, costs).strategy
+    assert isinstance(chosen, bj.Binomial), chosen
+    own = chosen.cost(T, costs)
+    got = budget.cost(T, costs)
+    assert (got.host_events, got.wasted_pullbacks) == (own.host_events, own.wasted_pullbacks)
+    assert got.host_events > 0
