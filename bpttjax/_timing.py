@@ -46,9 +46,9 @@ class Timing:
       host_event_s: one test of a loop predicate, or one conditional, that
         the host decides (:attr:`bpttjax.remat.Cost.host_events`).
 
-    Example:
-      >>> gpu = bj.budget.Timing(forward_s=10e-6, vjp_s=17e-6, host_event_s=20e-6)
-      >>> bj.Budget("64MB", timing=gpu)
+    Example (GPU-like constants; ``Budget`` does not take a timing yet):
+      >>> gpu = Timing(forward_s=10e-6, vjp_s=17e-6, host_event_s=20e-6)
+      >>> gpu.seconds(1000, bj.Binomial(10, static=True).cost(1000, costs))
     """
 
     forward_s: float
@@ -90,7 +90,8 @@ def device_timing(device: jax.Device | None = None) -> Timing:  # pyright: ignor
     (:data:`PROBE`) at two lengths, the same loop's gradient at two lengths,
     and a ``while`` loop whose trip count is an argument, at two trip counts.
     Each constant is the slope between its two lengths (the median of five
-    runs each), so the programs' fixed costs cancel. About a second on a CPU.
+    runs each), so the programs' fixed costs cancel. Its cost is compiling and
+    running those six small programs, once per process and device.
     """
     return _measured(device or jax.devices()[0])
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CELLS, abstract_inputs, assert_trees_close, carry_bytes, model_loss
-from test_binomial import Counter, reference_order
+from test_binomial import Counter, hlo_lines, reference_order, simple_loss
 
 import bpttjax as bj
 from bpttjax.remat import _revolve, _revolve_table
@@ -103,13 +103,6 @@ def test_no_host_decisions_and_the_same_recomputation():
     assert static.cost(1_000, COSTS).recomputed_steps == dynamic.cost(1_000, COSTS).recomputed_steps
 
 
-def hlo_lines(remat, T):
-    params, xs = abstract_inputs("rnn", T, 4, 3, 8, jnp.float32)
-    fn = jax.grad(functools.partial(model_loss, cell="rnn", remat=remat))
-    text = jax.jit(fn).lower(params, xs).compile().as_text()
-    return sum(1 for line in text.splitlines() if " = " in line)
-
-
 @pytest.mark.slow
 def test_program_does_not_grow_with_length_and_the_table_is_two_bits_an_action():
     remat = bj.Binomial(20, static=True)
@@ -120,6 +113,7 @@ def test_program_does_not_grow_with_length_and_the_table_is_two_bits_an_action()
         actions = _revolve.binomial_advances(T, s)  # reversals and advances after the first sweep
         assert len(plan.actions) == actions
         assert plan.table_bytes == 4 * max(-(-actions // 16), 1)  # 16 actions per uint32
+        assert _revolve_table.table_bytes(T, s) == plan.table_bytes  # the cost's, by count
         unpacked = (plan.words[:, None] >> (2 * np.arange(16, dtype=np.uint32))) & 3
         np.testing.assert_array_equal(unpacked.ravel()[:actions], plan.actions)
 
@@ -143,12 +137,6 @@ def test_memory_within_10_percent_of_its_cost(cell):
             measured = bj.memory.measure(fn, *args).temp_bytes + table
             predicted = remat.cost(T, costs).temp_bytes
             assert abs(predicted - measured) <= 0.10 * measured, (T, s, predicted, measured)
-
-
-def simple_loss(w, remat, T=9):
-    xs = jnp.linspace(0.0, 1.0, T)
-    c, ys = bj.scan(lambda h, x: (jnp.sin(w * h) + x, h), 0.5, xs, remat=remat)
-    return jnp.sum(ys) + c
 
 
 STATIC = bj.Binomial(3, static=True)

@@ -152,9 +152,9 @@ class Binomial(RematStrategy):
             # that advances which store nothing write into, each with its int32
             # position; and the table of actions, a constant of the program that
             # the device holds but XLA's temp_size_in_bytes does not count
+            table = _revolve_table.table_bytes(max(length, 1), s)
             s = _revolve_table.slots(length, s)
-            plan = _revolve_table.schedule(max(length, 1), s)
-            temp = (s + 3) * C + 4 * (s + 1) + plan.table_bytes
+            temp = (s + 3) * C + 4 * (s + 1) + table
             temp += costs.overhead_bytes + _ENGINE_BYTES
             wasted = max(self.recomputed_steps(length) - (length - 1), 0)
             return Cost(temp, self.recomputed_steps(length), wasted_pullbacks=wasted)

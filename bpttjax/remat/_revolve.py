@@ -67,9 +67,11 @@ __all__ = [
     "binomial_advances",
     "binomial_scan",
     "binomial_steps",
+    "close_step",
     "has_jvp",
     "primal",
     "refuse_second_order",
+    "refusing_forward_mode",
     "split",
     "step_index",
     "step_vjp",
@@ -218,15 +220,32 @@ def binomial_scan(
     Returns:
       ``(carry, ys)`` as ``jax.lax.scan``.
     """
+    closed, consts, by_jvp = close_step(f, init, xs)
+    n = jnp.asarray(length if steps is None else steps, _I32)
+    spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap), by_jvp)
+    return refusing_forward_mode(lambda: _scan(spec, closed, consts, init, xs, n))
+
+
+def close_step(f: Callable, init: Any, xs: Any) -> tuple[Callable, list, bool]:
+    """``f`` with its traced constants hoisted (``jax.closure_convert``), those
+    constants, and whether it can run under ``jax.jvp`` (:func:`has_jvp`).
+
+    Raises the library's ``TypeError`` where the scan itself is being linearized
+    (``jax.linearize``), which a ``custom_vjp`` engine cannot follow.
+    """
     x0 = None if xs is None else index(xs, jnp.zeros((), _I32))
     closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
     by_jvp = has_jvp(closed, init, x0, consts)
-    n = jnp.asarray(length if steps is None else steps, _I32)
-    spec = (length, snapshots, bool(reverse), unroll, steps is None, bool(overlap), by_jvp)
     if any(linearized(x) for x in jax.tree.leaves((consts, init, xs))):
         raise TypeError(UNSUPPORTED.format(what="forward-mode jax.linearize of the scan"))
+    return closed, list(consts), by_jvp
+
+
+def refusing_forward_mode(call: Callable[[], Any]) -> Any:
+    """``call()``, with JAX's error for ``jax.jvp`` of a ``custom_vjp`` replaced by the
+    library's, which names ``Nested``."""
     try:
-        return _scan(spec, closed, list(consts), init, xs, n)
+        return call()
     except TypeError as err:
         if "forward-mode autodiff" not in str(err):
             raise

@@ -44,11 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._trace import linearized
 from .._tree import index, split_diff, stack_zeros, store, with_zeros
 from . import _revolve
 
-__all__ = ["ACTIONS_PER_WORD", "Schedule", "schedule", "slots", "table_scan"]
+__all__ = ["ACTIONS_PER_WORD", "Schedule", "schedule", "slots", "table_bytes", "table_scan"]
 
 _I32 = jnp.int32
 ADVANCE, STORE, REVERSE = 0, 1, 2
@@ -80,11 +79,6 @@ class Schedule:
         self.words = np.bitwise_or.reduce(
             padded.reshape(-1, ACTIONS_PER_WORD) << shifts, axis=1
         ).astype(np.uint32)
-
-    @property
-    def advances(self) -> int:
-        """Forward advances, the first sweep's ``T − 1`` included (revolve's count)."""
-        return int(np.count_nonzero(self.actions != REVERSE)) + self.length - 1
 
     @property
     def table_bytes(self) -> int:
@@ -146,6 +140,13 @@ def schedule(length: int, snapshots: int) -> Schedule:
     return Schedule(length, first, stored, actions)
 
 
+def table_bytes(length: int, snapshots: int) -> int:
+    """Bytes of the table for ``(T, s)``, from revolve's count alone: one action per
+    advance after the first sweep and per reversal, ``binomial_advances`` in all."""
+    actions = _revolve.binomial_advances(length, slots(length, snapshots))
+    return 4 * max(-(-actions // ACTIONS_PER_WORD), 1)
+
+
 def slots(length: int, snapshots: int) -> int:
     """The snapshots the engine keeps: at most ``T − 1`` (more would never be read)."""
     return max(min(snapshots, length - 1), 1)
@@ -173,19 +174,9 @@ def table_scan(
     Arguments as :func:`._revolve.binomial_scan` (already validated;
     ``length >= 1``); ``unroll`` applies to the forward pass.
     """
-    x0 = None if xs is None else index(xs, jnp.zeros((), _I32))
-    closed, consts = jax.closure_convert(lambda c, x: f(c, x), init, x0)
-    by_jvp = _revolve.has_jvp(closed, init, x0, consts)
+    closed, consts, by_jvp = _revolve.close_step(f, init, xs)
     spec = (length, slots(length, snapshots), bool(reverse), unroll, by_jvp)
-    if any(linearized(x) for x in jax.tree.leaves((consts, init, xs))):
-        raise TypeError(_revolve.UNSUPPORTED.format(what="forward-mode jax.linearize of the scan"))
-    try:
-        return _scan(spec, closed, list(consts), init, xs)
-    except TypeError as err:
-        if "forward-mode autodiff" not in str(err):
-            raise
-        what = "forward-mode jax.jvp of the scan"
-        raise TypeError(_revolve.UNSUPPORTED.format(what=what)) from err
+    return _revolve.refusing_forward_mode(lambda: _scan(spec, closed, consts, init, xs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
