@@ -9,6 +9,7 @@ order as the dynamic engine, the pullbacks its cost states, its memory, the
 size of its table and of its program, and the transformations it supports.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -170,3 +171,139 @@ def test_named_checked_and_compared_by_value():
         bj.Binomial(4, static="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="snapshots >= 1"):
         bj.remat.from_string("binomial:0:static")
+
+
+# --- bj.cells.run: the fused action body ---------------------------------------------------
+
+# (T, s, reverse, truncation): the schedule's edges (one and two steps, one
+# snapshot, snapshots beyond T), both directions, both kinds of cut
+LAYER_CASES = [
+    (1, 1, False, None),
+    (2, 5, True, None),
+    (37, 1, True, None),
+    (37, 5, False, bj.Truncate(every=4)),
+    (37, 40, True, bj.RandomTruncate(jax.random.key(3), keep_prob=0.7)),
+]
+
+
+def layer_problem(cell, T, B=2, D=3, H=4):
+    c = bj.cells.get(cell)
+    params = c.init(jax.random.key(0), D, H, jnp.float64)
+    h0 = jax.tree.map(lambda a: a + 0.1, c.initial_carry(H, (B,), jnp.float64))
+    return params, h0, jax.random.normal(jax.random.key(T), (T, B, D), jnp.float64)
+
+
+def layer_loss(cell, remat, reverse=False, truncation=None):
+    def loss(params, h0, xs):
+        c, hs = bj.cells.run(
+            cell,
+            params,
+            h0,
+            xs,
+            remat=remat,
+            reverse=reverse,
+            truncation=truncation,
+            batch_chunks=1,
+        )
+        return jnp.sum(jnp.sin(hs) ** 2) + sum(jnp.sum(leaf**3) for leaf in jax.tree.leaves(c))
+
+    return loss
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_gradients_equal_store_all(cell):
+    """``run``'s gradient with the fused action body (each action: the step and the
+    carry's cotangent; the weights' gradients per group of actions) is plain BPTT's."""
+    for T, s, reverse, truncation in LAYER_CASES:
+        args = layer_problem(cell, T)
+        want = jax.grad(layer_loss(cell, bj.StoreAll(), reverse, truncation), (0, 1, 2))(*args)
+        static = layer_loss(cell, bj.Binomial(s, static=True), reverse, truncation)
+        got = jax.jit(jax.grad(static, (0, 1, 2)))(*args)
+        assert_trees_close(got, want, rtol=1e-12)
+
+
+def _logging_rnn(log):
+    """The tanh RNN whose input projection logs the first input of each call: a step's
+    (``batch`` rows, its position) or a group's products (more rows)."""
+    split = bj.cells.RNN_SPLIT
+
+    def project(params, x):
+        jax.debug.callback(lambda n, t: log.append((int(n), int(t))), x.shape[0], x[0, 0],
+                           ordered=True)  # fmt: skip
+        return split.project(params, x)
+
+    rnn = bj.cells.get("rnn")
+    return dataclasses.replace(rnn, split=dataclasses.replace(split, project=project))
+
+
+@pytest.mark.parametrize(("T", "s", "reverse"), [(10, 3, False), (37, 1, True)])
+def test_layer_evaluations_and_groups(T, s, reverse):
+    """The backward pass evaluates the step once per action (a padding action
+    included); the actions other than padding run revolve's order after the forward
+    pass, the last step's reversal first; and the weights' gradients are one set of
+    products per group of actions. (The forward pass runs the cell's own step, which
+    does not log.)"""
+    log = []
+    cell = _logging_rnn(log)
+    B, H = 2, 4
+    params = cell.init(jax.random.key(0), 1, H, jnp.float64)
+    xs = jnp.broadcast_to(jnp.arange(T, dtype=jnp.float64)[:, None, None], (T, B, 1))
+    remat = bj.Binomial(s, static=True)
+
+    def loss(p):
+        run = bj.cells.run(
+            cell, p, jnp.zeros((B, H)), xs, remat=remat, reverse=reverse, batch_chunks=1
+        )
+        return jnp.sum(run[1] ** 2)
+
+    jax.block_until_ready(jax.jit(jax.grad(loss))(params))
+    jax.effects_barrier()
+    words, groups = _revolve_table.grouped(T, _revolve_table.slots(T, s))
+    actions = ((words[:, None] >> (2 * np.arange(16, dtype=np.uint32))) & 3).ravel()
+    actions = actions[: groups * _revolve_table.GROUP_ACTIONS]
+    steps = [t for n, t in log if n == B]
+    assert len(steps) == len(actions)
+    assert len(log) - len(steps) == groups  # one product per group
+    kept = [t for t, a in zip(steps, actions, strict=True) if a != _revolve_table.PAD]
+    want = [T - 1] + reference_order(T, _revolve_table.slots(T, s))[T:]
+    if reverse:
+        want = [T - 1 - t for t in want]
+    assert kept == want
+    assert np.sum(actions == _revolve_table.REVERSE) == T
+
+
+def test_layer_no_host_decisions_and_transformations():
+    """Known-trip loops only and no conditional; the same memory as the step-by-step
+    path within a tenth of its schedule's share; ``jvp∘grad`` works, ``jvp``,
+    ``linearize`` and ``grad∘grad`` are refused with the scan's message."""
+    T, B, D, H = 300, 8, 16, 64
+    params = jax.eval_shape(lambda: bj.cells.init_lstm(jax.random.key(0), D, H))
+    h0 = bj.cells.initial_carry("lstm", H, (B,))
+    xs = jax.ShapeDtypeStruct((T, B, D), jnp.float32)
+    remat = bj.Binomial(6, static=True)
+    # a loss over every output, as Budget measures a layer: with one linear in the
+    # outputs, XLA keeps their constant cotangent whole for the two nested loops
+    fused = lambda p, x: jnp.mean(
+        bj.cells.run("lstm", p, h0, x, remat=remat, batch_chunks=1)[1] ** 2
+    )
+    steps = lambda p, x: jnp.mean(
+        bj.scan(functools.partial(bj.cells.lstm, p), h0, x, remat=remat)[1] ** 2
+    )
+    flow = bj.memory.control_flow(jax.grad(fused), params, xs)
+    assert flow.unknown_trip_loops == 0 and flow.conditionals == 0, flow
+    got, want = (bj.memory.measure(jax.grad(f), params, xs).temp_bytes for f in (fused, steps))
+    outputs = 2 * T * B * H * 4  # the outputs and their cotangent
+    assert abs(got - want) <= 0.1 * (want - outputs), (got, want)
+
+    args = layer_problem("gru", 7)
+    g = lambda remat: jax.grad(layer_loss("gru", remat))
+    ones = jax.tree.map(jnp.ones_like, args[0])
+    hvp = lambda remat: jax.jvp(lambda p: g(remat)(p, *args[1:]), (args[0],), (ones,))
+    assert_trees_close(hvp(STATIC), hvp(bj.StoreAll()), rtol=1e-11)
+    loss = lambda p: layer_loss("gru", STATIC)(p, *args[1:])
+    with pytest.raises(TypeError, match=r"does not support forward-mode jax.jvp.*bj\.Nested"):
+        jax.jvp(loss, (args[0],), (ones,))
+    with pytest.raises(TypeError, match=r"forward-mode jax.linearize of the scan.*bj\.Nested"):
+        jax.linearize(loss, args[0])
+    with pytest.raises(TypeError, match=r"reverse-mode differentiation of its gradient.*Nested"):
+        jax.grad(lambda p: jnp.sum(g(STATIC)(p, *args[1:])[0]["W_h"]))(args[0])

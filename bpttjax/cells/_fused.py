@@ -35,11 +35,8 @@ from .._tree import index, stack_zeros, store
 from ..remat import RematStrategy
 from ..truncation import TruncationStrategy
 from ._registry import Split
-
-
-def _flat(tree: Any) -> Any:
-    """Every leaf as a matrix ``(rows, last axis)``: the steps and batch dimensions merged."""
-    return jax.tree.map(lambda a: jnp.reshape(a, (-1, a.shape[-1])), tree)
+from ._reversal import bulk_grads, flat, mix_transpose, step_back
+from ._reversal import products as _products
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -56,18 +53,6 @@ def _zeros_from(tree: Any, shape: tuple, dtype: Any = None) -> jax.Array:
     ref = jax.tree.leaves(tree)[0]
     zeros = jnp.broadcast_to(jnp.zeros_like(ref[..., :1]), shape)
     return zeros if dtype is None else zeros.astype(dtype)
-
-
-def _mix_transpose(mix: Callable, dz: Any, x_width: int, h_width: int) -> tuple:
-    """``(d xw, d hw)`` from ``d z``: the transpose of the linear ``mix``.
-
-    Taken as the VJP of ``mix`` at zeros made from ``dz`` itself
-    (:func:`_zeros_from`).
-    """
-    rows = jax.tree.leaves(dz)[0].shape[:-1]
-    zeros = lambda width: _zeros_from(dz, (*rows, width))
-    _, mix_vjp = jax.vjp(mix, zeros(x_width), zeros(h_width))
-    return mix_vjp(dz)
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -139,6 +124,20 @@ class FusedLayer:
             xs = jax.lax.dynamic_slice_in_dim(self.xs, start, n, axis=0)
         scales = _scales(self, self.truncation, jnp.asarray(start, jnp.int32), n)
         return _block_vjp(self)(self.params, carry, xs, scales)
+
+    def step_back(self, carry: Any, t: Any, d_carry: Any, d_y: jax.Array) -> tuple:
+        """Step ``t`` (a position in ``xs``) from ``carry``, and only its carry's cotangent.
+
+        Returns ``((new_carry, y), d_entering, row)``; :meth:`bulk_grads`
+        turns rows into the weight and input gradients (see
+        :func:`._reversal.step_back`). The truncation is the caller's to apply.
+        """
+        return step_back(self.split, self.params, carry, index(self.xs, t), d_carry, d_y)
+
+    def bulk_grads(self, carries: Any, ts: jax.Array, rows: Any) -> tuple[Any, jax.Array]:
+        """``(d_params, d_xs_rows)`` for the steps at positions ``ts`` (stacked ``carries``
+        and :meth:`step_back` ``rows``; a zero row contributes nothing)."""
+        return bulk_grads(self.split, self.params, jnp.take(self.xs, ts, axis=0), carries, rows)
 
 
 def _scales(
@@ -286,7 +285,7 @@ def _block_vjp(layer: FusedLayer) -> Callable:
         """The per-step inputs (the projected ones when hoisted) and the step on them."""
         pe = sp.elem_args(params)
         if layer.hoist:
-            inputs = jnp.reshape(sp.project(params, _flat(xs)), xs.shape[:-1] + (-1,))
+            inputs = jnp.reshape(sp.project(params, flat(xs)), xs.shape[:-1] + (-1,))
         else:
             inputs = xs
 
@@ -441,7 +440,7 @@ def _block_vjp(layer: FusedLayer) -> Callable:
                 dpe_t, dc_direct, dz = elem_vjp((dc, dy))
             else:
                 dpe_t, dc_direct, dz = sp.output_vjp(pe, c, r, (dc, dy))
-            _, dhw = _mix_transpose(sp.mix, dz, x_width, h_width)
+            _, dhw = mix_transpose(sp.mix, dz, x_width, h_width)
             _, hidden_vjp = jax.vjp(lambda c: sp.hidden(loop_params(), c), c)
             (dc_hidden,) = hidden_vjp(dhw)
             dc = _add(dc_direct, dc_hidden)
@@ -496,20 +495,13 @@ def _block_vjp(layer: FusedLayer) -> Callable:
         # The products over every step of the block. On one device as matrices
         # (steps and batch merged: XLA's CPU products are fastest so); on several,
         # over the stacks as they are, so that a sharded batch stays sharded.
-        flat = _flat if jax.device_count() == 1 else (lambda tree: tree)
+        matrices = flat if jax.device_count() == 1 else (lambda tree: tree)
 
         def products(x, c, dz):
-            if sp.bulk_vjp is not None:
-                return sp.bulk_vjp(params, x, c, dz)
-            d_xw, d_hw = _mix_transpose(sp.mix, dz, x_width, h_width)
-            _, hidden_vjp = jax.vjp(lambda p: sp.hidden(p, c), params)
-            (d_params,) = hidden_vjp(d_hw)
-            _, project_vjp = jax.vjp(sp.project, params, x)
-            d_params_x, d_x = project_vjp(d_xw)
-            return _add(d_params, d_params_x), d_x
+            return _products(sp, params, x, c, dz)
 
         if k is None:
-            d_params, d_xs = products(flat(xs), flat(kept_stacks), flat(dzs))
+            d_params, d_xs = products(matrices(xs), matrices(kept_stacks), matrices(dzs))
             d_xs = jnp.reshape(d_xs, xs.shape)
         else:
             # Row r of the dz stack belongs to the step whose entering carry is
@@ -524,7 +516,7 @@ def _block_vjp(layer: FusedLayer) -> Callable:
                 leaves[i] = roll(o, shift)
             leaves[k] = ys_res
             c_rows = jax.tree.unflatten(treedef, leaves)
-            d_params, d_x_rows = products(flat(x_rows), flat(c_rows), flat(dzs))
+            d_params, d_x_rows = products(matrices(x_rows), matrices(c_rows), matrices(dzs))
             d_xs = roll(jnp.reshape(d_x_rows, xs.shape), -shift)
             _, last, _ = first_last(n)
             x_f, c_last, dz_f = index(x_rows, last), index(c_rows, last), index(dzs, last)

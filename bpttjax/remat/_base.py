@@ -216,7 +216,9 @@ class Layer(Protocol):
     :meth:`RematStrategy.scan_layer`. A strategy programs against this
     protocol only: it runs the steps it keeps every residual of as
     :meth:`block`\ s, which compute their weight gradients in bulk, and the
-    rest through :meth:`scan`. ``Budget`` also rebuilds it with abstract
+    rest through :meth:`scan`; a strategy that reverses one step at a time
+    can call :meth:`step_back` per step and :meth:`bulk_grads` per group of
+    steps instead. ``Budget`` also rebuilds it with abstract
     arrays (:meth:`replace`) to measure it, and caches what it measured by
     :attr:`key`.
 
@@ -251,6 +253,22 @@ class Layer(Protocol):
     def block(self, carry: Any, start: Any, n: int) -> tuple[Any, Any]:
         """Steps ``[start, start + n)`` as one block keeping every residual (``start``
         may be traced, ``n`` is static)."""
+        ...
+
+    def step_back(self, carry: Any, t: Any, d_carry: Any, d_y: Any) -> tuple[Any, Any, Any]:
+        """Step ``t`` (a position in ``xs``, may be traced) from ``carry``, forward, and
+        back only as far as the cotangent of ``carry``, without the truncation's factor.
+
+        Returns ``((new_carry, y), d_entering, row)``: ``row`` is what
+        :meth:`bulk_grads` needs of this step for the weight and input
+        gradients, which it leaves out; zero cotangents give a zero row.
+        """
+        ...
+
+    def bulk_grads(self, carries: Any, ts: Any, rows: Any) -> tuple[Any, Any]:
+        """``(d_params, d_xs_rows)`` for the steps at positions ``ts`` (``int32[n]``),
+        from the carries they entered with and their :meth:`step_back` rows, all
+        stacked on a leading axis of ``n``: a few products with ``n·batch`` rows."""
         ...
 
     def replace(self, **changes: Any) -> Layer:

@@ -58,8 +58,12 @@ class Binomial(RematStrategy):
         and keeps what it needs, so the backward pass's advances,
         ``recomputed_steps − (T − 1)``, each run a pullback that is thrown
         away (``Cost.wasted_pullbacks``); the memory is one carry more (a
-        spare snapshot slot) plus the table. Choose it on a GPU or TPU; on a
-        CPU, where a host decision costs little, the default is faster.
+        spare snapshot slot) plus the table. Under :func:`bpttjax.cells.run`
+        each action runs a cheaper body instead: the step and the cotangent
+        of its carry only, the weights' gradients being products over groups
+        of reversals (``bpttjax.remat._revolve_table.table_layer``). Choose
+        it on a GPU or TPU; on a CPU, where a host decision costs little,
+        the default is faster.
 
     Memory: ``s + 2`` carries (the snapshots, the state being advanced and
     the state being pulled back), one step's residuals (the last step's are
@@ -173,6 +177,17 @@ class Binomial(RematStrategy):
         return _revolve.binomial_scan(
             f, init, xs, length, self.snapshots, reverse, unroll, overlap=self.overlap
         )
+
+    def scan_layer(self, layer, init):
+        # The static engine reverses a bj.cells.run layer with its fused action
+        # body (_revolve_table.table_layer); the dynamic one runs it step by step.
+        if not self.static or layer.length == 0:
+            return layer.scan(self, init)
+        if layer.length > _revolve.MAX_LENGTH:
+            raise ValueError(
+                f"Binomial supports sequences of up to 2**30 steps, got length {layer.length}"
+            )
+        return _revolve_table.table_layer(layer, init, self.snapshots)
 
 
 class _SnapshotCounts(Sequence):

@@ -30,6 +30,19 @@ backward pass's advances). On a GPU this trades work for the host round trip
 that each of the dynamic engine's decisions costs; on a CPU, where a round
 trip is cheap, the dynamic engine is faster.
 
+Under :func:`bpttjax.cells.run` (:func:`table_layer`) the waste is smaller.
+Each action evaluates the step and pulls back only the cotangent of the carry
+it entered with (:meth:`~bpttjax.remat.Layer.step_back`: one product with the
+recurrent kernel besides the forward ones). A reversal also files what the
+weight and input gradients need into a group's rows. The actions run in
+groups of fixed size, each with at most a fixed number of reversals, a group
+cut short by its reversals filled with do-nothing actions. After each group,
+:meth:`~bpttjax.remat.Layer.bulk_grads` computes those gradients as a few
+products over the group's rows, as the fused block does over its steps. So an
+advance wastes the elementwise pullback and one product, where the step's
+VJP wastes four (the carry's, the two kernels' and the input's); the filler actions and the unused rows are the rest of the
+waste (``docs/strategies.md`` measures both).
+
 References: A. Griewank and A. Walther, `Algorithm 799: revolve
 <https://doi.org/10.1145/347837.347846>`_, ACM TOMS 26(1), 2000.
 """
@@ -44,10 +57,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._trace import linearized
 from .._tree import index, split_diff, stack_zeros, store, with_zeros
 from . import _revolve
+from ._base import Layer
 
-__all__ = ["ACTIONS_PER_WORD", "Schedule", "schedule", "slots", "table_bytes", "table_scan"]
+__all__ = [
+    "ACTIONS_PER_WORD",
+    "Schedule",
+    "grouped",
+    "schedule",
+    "slots",
+    "table_bytes",
+    "table_layer",
+    "table_scan",
+]
 
 _I32 = jnp.int32
 ADVANCE, STORE, REVERSE = 0, 1, 2
@@ -277,3 +301,172 @@ def _scan_bwd(spec, closed, residuals, cotangents):
 
 
 _scan.defvjp(_scan_fwd, _revolve.refuse_second_order(_scan_bwd))
+
+
+# --- the engine for a whole-sequence layer (bj.cells.run) -------------------------------
+
+PAD = 3
+"""An action that does nothing: it fills a group of actions up to its fixed size."""
+
+GROUP_ACTIONS, GROUP_REVERSALS = 16, 8
+"""The layer engine's groups: at most this many actions, of which at most this many
+reversals, whose weight gradients are computed together after the group."""
+
+
+@functools.lru_cache(maxsize=32)
+def grouped(length: int, snapshots: int) -> tuple[np.ndarray, int]:
+    """The layer engine's table: the youturn's reversal, then :func:`schedule`'s actions,
+    cut into groups of ``GROUP_ACTIONS`` with at most ``GROUP_REVERSALS`` reversals each,
+    a group cut short by its reversals filled up with ``PAD``. Returns the packed
+    words and the number of groups."""
+    acts = np.concatenate([[REVERSE], schedule(length, snapshots).actions]).astype(np.uint8)
+    rev = np.cumsum(acts == REVERSE)
+    starts, i, n = [], 0, len(acts)
+    while i < n:
+        starts.append(i)
+        before = rev[i - 1] if i else 0
+        i = min(i + GROUP_ACTIONS, n, int(np.searchsorted(rev, before + GROUP_REVERSALS + 1)))
+    starts = np.asarray(starts)
+    sizes = np.diff(np.append(starts, n))
+    group = np.repeat(np.arange(len(starts)), sizes)
+    padded = np.full(len(starts) * GROUP_ACTIONS, PAD, np.uint8)
+    padded[group * GROUP_ACTIONS + np.arange(n) - np.repeat(starts, sizes)] = acts
+    return _pack(padded), len(starts)
+
+
+def _pack(actions: np.ndarray) -> np.ndarray:
+    """Actions packed sixteen to a ``uint32``, the first in the lowest bits."""
+    words = max(-(-len(actions) // ACTIONS_PER_WORD), 1)
+    padded = np.zeros(words * ACTIONS_PER_WORD, np.uint32)
+    padded[: len(actions)] = actions
+    shifts = 2 * np.arange(ACTIONS_PER_WORD, dtype=np.uint32)
+    return np.bitwise_or.reduce(padded.reshape(-1, ACTIONS_PER_WORD) << shifts, axis=1).astype(
+        np.uint32
+    )
+
+
+def table_layer(layer: Layer, init: Any, snapshots: int) -> tuple[Any, Any]:
+    """A :func:`bpttjax.cells.run` layer whose gradient runs revolve's schedule as data,
+    each action doing only what it needs (``length >= 1``).
+
+    Every action evaluates the step and the cotangent of the carry it
+    entered with (:meth:`Layer.step_back`); an advance keeps the new state,
+    a reversal the cotangent, and the row that :meth:`Layer.bulk_grads`
+    turns into weight and input gradients after each group of actions.
+    """
+    length, reverse = layer.length, layer.reverse
+    scales = None
+    if layer.truncation is not None:
+        pos = jnp.arange(length, dtype=_I32)
+        counter = length - 1 - pos if reverse else pos
+        scales = jax.vmap(layer.truncation.scale)(counter, pos)
+    arrays = jax.tree.leaves((layer.params, init, layer.xs, scales))
+    if any(linearized(x) for x in arrays):
+        raise TypeError(_revolve.UNSUPPORTED.format(what="forward-mode jax.linearize of the scan"))
+    bare = layer.replace(params=None, xs=None, truncation=None)
+    spec = (length, slots(length, snapshots), bool(reverse), layer.unroll)
+    return _revolve.refusing_forward_mode(
+        lambda: _layer_scan(spec, bare, layer.params, init, layer.xs, scales)
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _layer_scan(spec, bare, params, init, xs, scales):
+    length, _, reverse, unroll = spec
+    step = bare.replace(params=params, xs=xs).step
+    return jax.lax.scan(step, init, xs, length=length, reverse=reverse, unroll=unroll)
+
+
+def _layer_fwd(spec, bare, params, init, xs, scales):
+    # the dynamic engine's forward pass, with the layer's step, and without the
+    # last step's VJP: the backward pass starts by reversing that step
+    length, s, reverse, unroll = spec
+    step = bare.replace(params=params, xs=xs).step
+    plan = schedule(length, s)
+    idx = _revolve.step_index(length, reverse)
+    _, y_shape = jax.eval_shape(step, init, xs[0])
+    pos = jnp.asarray(np.append(plan.first_sweep, length).astype(np.int32))
+    buf = store(stack_zeros(s + 1, init), jnp.zeros((), _I32), init)
+
+    def body(t, state):
+        carry, buf, ys, k = state
+        push = (k + 1 < plan.stored) & (t == pos[jnp.minimum(k + 1, s)])
+        k = k + push.astype(_I32)
+        buf = store(buf, jnp.where(push, k, s), carry)
+        carry, y = step(carry, index(xs, idx(t)))
+        return carry, buf, store(ys, idx(t), y), k
+
+    state = (init, buf, stack_zeros(length, y_shape), jnp.zeros((), _I32))
+    last, buf, ys, k = jax.lax.fori_loop(0, length - 1, body, state, unroll=unroll)
+    carry, y = step(last, index(xs, idx(length - 1)))
+    ys = store(ys, idx(length - 1), y)
+    return (carry, ys), (params, xs, scales, buf, pos, k, last)
+
+
+def _layer_bwd(spec, bare, residuals, cotangents):
+    length, s, reverse, _ = spec
+    params, xs, scales, buf, pos, top, last = residuals
+    pos = jnp.asarray(pos)
+    layer = bare.replace(params=params, xs=xs)
+    words, groups = grouped(length, s)
+    words = jnp.asarray(words)
+    ct_carry, ct_ys = cotangents
+    idx = _revolve.step_index(length, reverse)
+    K = GROUP_REVERSALS
+    _, _, row0 = jax.eval_shape(layer.step_back, last, 0, ct_carry, index(ct_ys, 0))
+    bare_rows = (stack_zeros(K + 1, last), jnp.zeros(K + 1, _I32), stack_zeros(K + 1, row0))
+
+    def act(i, loop):
+        cur, top, buf, pos, state, g_carry, rows, n = loop
+        word = words[i // ACTIONS_PER_WORD]
+        shift = (2 * (i % ACTIONS_PER_WORD)).astype(jnp.uint32)
+        kind = ((word >> shift) & 3).astype(_I32)
+        rev, push, pad = kind == REVERSE, kind == STORE, kind == PAD
+        t = idx(cur)
+        (new_state, _), d_in, row = layer.step_back(state, t, g_carry, index(ct_ys, t))
+        if scales is not None:  # an exact zero at a cut, so that it also stops inf/nan
+            scale = scales[t]
+            d_in = jax.tree.map(lambda a: jnp.where(scale == 0, 0, a * scale.astype(a.dtype)), d_in)
+        g_carry = jax.tree.map(lambda new, old: jnp.where(rev, new, old), d_in, g_carry)
+        # a reversal's row goes into the group's next row, any other into the spare one
+        slot = jnp.where(rev, n, K)
+        carries, ts, kept = rows
+        rows = (store(carries, slot, state), ts.at[slot].set(t), store(kept, slot, row))
+        n = n + rev.astype(_I32)
+
+        # advance: the new state into the next slot, or into the spare one
+        slot = jnp.where(push, top + 1, s)
+        buf = store(buf, slot, new_state)
+        pos = pos.at[slot].set(cur + 1)
+        top = jnp.where(push, top + 1, top)
+        # reversal: drop the top snapshot if it held the state just reversed, restore the top
+        drop = rev & (pos[top] == cur) & (top > 0)
+        top = jnp.where(drop, top - 1, top)
+        restored = index(buf, top)
+        state = jax.tree.map(
+            lambda r, a, o: jnp.where(rev, r, jnp.where(pad, o, a)), restored, new_state, state
+        )
+        cur = jnp.where(rev, pos[top], jnp.where(pad, cur, cur + 1))
+        return cur, top, buf, pos, state, g_carry, rows, n
+
+    def group(g, loop):
+        cur, top, buf, pos, state, g_carry, g_params, xs_bar = loop
+        inner = (cur, top, buf, pos, state, g_carry, bare_rows, jnp.zeros((), _I32))
+        # Python bounds: a known trip count (traced bounds would make it unknown to XLA)
+        at = lambda j, inner: act(g * GROUP_ACTIONS + j, inner)
+        inner = jax.lax.fori_loop(0, GROUP_ACTIONS, at, inner)
+        cur, top, buf, pos, state, g_carry, (carries, ts, kept), _ = inner
+        first = lambda tree: jax.tree.map(lambda a: a[:K], tree)
+        d_params, d_xs = layer.bulk_grads(first(carries), ts[:K], first(kept))
+        g_params = jax.tree.map(jnp.add, g_params, d_params)
+        xs_bar = xs_bar.at[ts[:K]].add(d_xs)
+        return cur, top, buf, pos, state, g_carry, g_params, xs_bar
+
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    loop = (jnp.asarray(length - 1, _I32), top, buf, pos, last, ct_carry, zeros(params), zeros(xs))
+    *_, g_carry, g_params, xs_bar = jax.lax.fori_loop(0, groups, group, loop)
+    d_scales = None if scales is None else jnp.zeros_like(scales)
+    return g_params, g_carry, xs_bar, d_scales
+
+
+_layer_scan.defvjp(_layer_fwd, _revolve.refuse_second_order(_layer_bwd))
