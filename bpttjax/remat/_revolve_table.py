@@ -40,8 +40,9 @@ cut short by its reversals filled with do-nothing actions. After each group,
 :meth:`~bpttjax.remat.Layer.bulk_grads` computes those gradients as a few
 products over the group's rows, as the fused block does over its steps. So an
 advance wastes the elementwise pullback and one product, where the step's
-VJP wastes four (the carry's, the two kernels' and the input's); the filler actions and the unused rows are the rest of the
-waste (``docs/strategies.md`` measures both).
+VJP wastes four (the carry's, the two kernels' and the input's); the filler
+actions and the unused rows are the rest of the waste (``docs/strategies.md``
+measures both).
 
 References: A. Griewank and A. Walther, `Algorithm 799: revolve
 <https://doi.org/10.1145/347837.347846>`_, ACM TOMS 26(1), 2000.
@@ -96,13 +97,7 @@ class Schedule:
         self.first_sweep = first_sweep
         self.stored = stored
         self.actions = actions
-        words = max(-(-len(actions) // ACTIONS_PER_WORD), 1)
-        padded = np.zeros(words * ACTIONS_PER_WORD, np.uint32)
-        padded[: len(actions)] = actions
-        shifts = 2 * np.arange(ACTIONS_PER_WORD, dtype=np.uint32)
-        self.words = np.bitwise_or.reduce(
-            padded.reshape(-1, ACTIONS_PER_WORD) << shifts, axis=1
-        ).astype(np.uint32)
+        self.words = _pack(actions)
 
     @property
     def table_bytes(self) -> int:
