@@ -26,12 +26,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from ._probe import outside_any_mesh
 from .remat import Cost
 
-__all__ = ["PROBE", "Timing", "device_timing"]
+__all__ = ["Timing", "device_timing"]
 
-PROBE = (32, 256)
+_PROBE = (32, 256)
 """Batch and hidden size of the tanh RNN step whose forward step and pullback
 :func:`device_timing` times: the size where one step is a few small kernels."""
 
@@ -46,9 +48,10 @@ class Timing:
       host_event_s: one test of a loop predicate, or one conditional, that
         the host decides (:attr:`bpttjax.remat.Cost.host_events`).
 
-    Example (GPU-like constants; ``Budget`` does not take a timing yet):
-      >>> gpu = Timing(forward_s=10e-6, vjp_s=17e-6, host_event_s=20e-6)
+    Example (GPU-like constants):
+      >>> gpu = bj.budget.Timing(forward_s=10e-6, vjp_s=17e-6, host_event_s=20e-6)
       >>> gpu.seconds(1000, bj.Binomial(10, static=True).cost(1000, costs))
+      >>> plan = bj.Budget("64MB", timing=gpu).plan(step, h0, xs)
     """
 
     forward_s: float
@@ -87,7 +90,7 @@ def device_timing(device: jax.Device | None = None) -> Timing:  # pyright: ignor
     """:class:`Timing` measured on ``device`` (default: JAX's first), once per process.
 
     Three programs, compiled and run on the device: a loop of tanh RNN steps
-    (:data:`PROBE`) at two lengths, the same loop's gradient at two lengths,
+    (batch 32, width 256) at two lengths, the same loop's gradient at two lengths,
     and a ``while`` loop whose trip count is an argument, at two trip counts.
     Each constant is the slope between its two lengths (the median of five
     runs each), so the programs' fixed costs cancel. Its cost is compiling and
@@ -98,9 +101,11 @@ def device_timing(device: jax.Device | None = None) -> Timing:  # pyright: ignor
 
 @functools.cache
 def _measured(device) -> Timing:
-    B, H = PROBE
-    w = jnp.full((H, H), 1.0 / H, jnp.float32)
-    h0 = jnp.zeros((B, H), jnp.float32)
+    # numpy inputs and compiled programs: this may run while a gradient is being
+    # traced (Budget plans then), where a jnp operation would join that trace
+    B, H = _PROBE
+    w = np.full((H, H), 1.0 / H, np.float32)
+    h0 = np.zeros((B, H), np.float32)
     w, h0 = jax.device_put((w, h0), device)
 
     def forward(w, h0, n):
@@ -116,13 +121,18 @@ def _measured(device) -> Timing:
         )[1]
 
     short, long = 64, 320
-    fwd = _slope(lambda n: jax.jit(forward, static_argnums=2).lower(w, h0, n).compile(), (w, h0))
-    grad = _slope(lambda n: jax.jit(gradient, static_argnums=2).lower(w, h0, n).compile(), (w, h0))
-    x = h0[0, 0]
-    host = jax.jit(decisions).lower(x, jnp.int32(0)).compile()
-    per_event = _per_unit(lambda n: host(x, jnp.int32(n)), short * 4, long * 4)
-    forward_s = fwd(short, long)
-    vjp_s = max(grad(short, long) - forward_s, 0.0)
+    with outside_any_mesh():
+        fwd = _slope(
+            lambda n: jax.jit(forward, static_argnums=2).lower(w, h0, n).compile(), (w, h0)
+        )
+        grad = _slope(
+            lambda n: jax.jit(gradient, static_argnums=2).lower(w, h0, n).compile(), (w, h0)
+        )
+        x = jax.device_put(np.float32(1.0), device)
+        host = jax.jit(decisions).lower(x, np.int32(0)).compile()
+        per_event = _per_unit(lambda n: host(x, np.int32(n)), short * 4, long * 4)
+        forward_s = fwd(short, long)
+        vjp_s = max(grad(short, long) - forward_s, 0.0)
     return Timing(forward_s, vjp_s, per_event)
 
 

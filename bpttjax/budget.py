@@ -18,10 +18,14 @@ outputs included, fits. ``StoreAll`` and ``EveryStep`` with each of the
 budget's ``policies`` are measured directly instead: their prediction is a
 line through two compilations of their own gradient.
 
+Of those that fit, it runs the fastest by a time model: seconds per step,
+per pullback and per host decision (:class:`Timing`), measured once per
+process on the device (:func:`device_timing`) or given as ``timing=``.
+
 Then it compiles the chosen strategy's gradient at the full length and
 reads XLA's figure. Where that and the outputs exceed the budget (the model
-missed something on this backend), the excess is added to every prediction
-and the choice is made again.
+missed something on this backend), the excess is added to the predictions
+of the chosen family and the choice is made again.
 
 A scan with nothing to differentiate (integer-only carries and inputs), or
 whose step reverse mode cannot differentiate, runs as ``StoreAll``.
@@ -30,7 +34,6 @@ whose step reverse mode cannot differentiate, runs as ``StoreAll``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,10 +41,11 @@ import jax
 
 from . import _probe
 from ._checks import check_length, checked_step, parse_bytes
+from ._plan import Plan, mb, measured_lines, offered, pick
+from ._timing import Timing, device_timing
 from ._trace import linearized, when_linearized
 from ._tree import is_diff, promote_weak_init
 from .remat import (
-    STRATEGIES,
     Binomial,
     Cost,
     EveryStep,
@@ -53,86 +57,10 @@ from .remat import (
     register,
 )
 
-__all__ = ["Budget", "BudgetTooSmallError", "Plan", "parse_bytes"]
+__all__ = ["Budget", "BudgetTooSmallError", "Plan", "Timing", "device_timing", "parse_bytes"]
 
-_SAFETY = 0.95
-"""Plan a model's prediction (``EveryStep()``, ``Binomial``) to this fraction of the
-budget: such predictions are within a few percent of XLA's. A prediction that is a line
-through two compilations of the strategy itself (``StoreAll``, a policy) may use it all."""
 _FUSED_NESTED_OVER = 1.5  # forward passes; see Budget._layer_strategy
 _CHECKS = 4  # choices compiled and measured before a budget the model keeps missing is refused
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What :class:`Budget` chose for one scan, and why.
-
-    Attributes:
-      strategy: the strategy that runs.
-      temp_bytes: its predicted working memory.
-      recomputed_steps: its step evaluations beyond plain BPTT's ``T``.
-      budget_bytes: the budget.
-      length: ``T``.
-      costs: the measured :class:`~bpttjax.remat.StepCosts` of the step.
-      measured_bytes: XLA's figure for what the budget holds, the chosen
-        strategy's gradient compiled at ``length`` (None: not compiled, as
-        from :meth:`Budget.choose` or under a mesh). For ``StoreAll`` and a
-        policy, the gradient of a loss over all outputs (``mean(ys**2)``,
-        which keeps them and their cotangent); for the others, the gradient
-        of a per-step loss plus ``output_bytes``.
-      output_bytes: the scan's outputs (``carry`` and ``ys``) and their
-        cotangent, which a loss over the outputs may keep on top of the
-        schedule: ``2·(C + T·|y|)`` for float outputs.
-      predicted_bytes: the predicted whole: for ``StoreAll`` and a policy a
-        line through two compilations of the gradient of a loss over all
-        outputs (XLA may share the outputs with the residuals, so it can be
-        less than ``temp_bytes + output_bytes``); for the others
-        ``temp_bytes + output_bytes``.
-    """
-
-    strategy: RematStrategy
-    temp_bytes: int
-    recomputed_steps: int
-    budget_bytes: int
-    length: int
-    costs: StepCosts
-    measured_bytes: int | None = None
-    output_bytes: int = 0
-    predicted_bytes: int | None = None
-
-    def __post_init__(self):
-        if self.predicted_bytes is None:
-            object.__setattr__(self, "predicted_bytes", self.temp_bytes + self.output_bytes)
-
-    @property
-    def snapshots(self) -> int | None:
-        """Stored carries when the strategy is :class:`~bpttjax.Binomial`, else None."""
-        return getattr(self.strategy, "snapshots", None)
-
-    @property
-    def _predicted(self) -> int:  # predicted_bytes, which __post_init__ always sets
-        assert self.predicted_bytes is not None
-        return self.predicted_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        """What the budget holds: XLA's figure where compiled, else the prediction."""
-        return self._predicted if self.measured_bytes is None else self.measured_bytes
-
-    def __str__(self) -> str:
-        passes = self.recomputed_steps / self.length if self.length else 0.0
-        measured = "" if self.measured_bytes is None else f", measured {_mb(self.measured_bytes)}"
-        return (
-            f"{self.strategy} for T={self.length}: schedule {_mb(self.temp_bytes)} and "
-            f"outputs with their cotangent {_mb(self.output_bytes)}, predicted "
-            f"{_mb(self._predicted)}{measured}: {self.total_bytes / self.budget_bytes:.0%} "
-            f"of a {_mb(self.budget_bytes)} budget; {self.recomputed_steps:,} recomputed steps "
-            f"({passes:.2f} forward passes)"
-        )
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.3g} MB"
 
 
 def _recomputation(steps: int, length: int) -> str:
@@ -175,7 +103,7 @@ def _too_small(budget: int, plan: Plan, least: int, how: str) -> BudgetTooSmallE
     return BudgetTooSmallError(
         f"Budget(bytes={budget}) is too small for this scan: the least any strategy "
         f"needs is {plan.strategy}, at a {how} {least:,} bytes with the scan's outputs and "
-        f"their cotangent; Budget({least}) would work ({_mb(least)}; {recompute}).{alone}",
+        f"their cotangent; Budget({least}) would work ({mb(least)}; {recompute}).{alone}",
         budget,
         least,
     )
@@ -192,6 +120,10 @@ class Budget(RematStrategy):
       policies: ``jax.checkpoint_policies`` values tried with
         :class:`~bpttjax.EveryStep` before the policy-free version (default:
         ``dots_saveable``). What each saves per step is measured.
+      timing: the :class:`Timing` constants to predict time with (default:
+        :func:`device_timing`, measured on JAX's default device once per
+        process). Give them to make the choice independent of the machine's
+        load, or to plan for another device.
 
     What the budget holds: the schedule's memory (XLA's working memory for
     the gradient with a per-step loss, ``temp_size_in_bytes``) plus the
@@ -205,20 +137,26 @@ class Budget(RematStrategy):
     Choice, when a gradient is taken (see :meth:`plan`): every registered
     strategy class offers its candidates
     (:meth:`~bpttjax.RematStrategy.candidates`: ``StoreAll()``,
-    ``EveryStep()``, ``Binomial(s)`` for every ``s``, and whatever a
+    ``EveryStep()``, ``Nested`` with each number of levels, ``Binomial(s)``
+    and ``Binomial(s, static=True)`` for every ``s``, and whatever a
     registered user strategy offers), each predicted by its own ``cost``;
     ``StoreAll`` and ``EveryStep`` with each policy are predicted from their
-    own measured gradients instead. Of those that fit, the fastest runs:
-    time is counted in whole forward passes of recomputation
-    (``recomputed_steps / T``, rounded up), and among equal counts the
-    candidate offered first wins (the measured ones, the policy saving most
-    first, then the registry's classes in registration order). A prediction
-    from a cost model aims at 95% of what is left for the schedule. The
-    choice is then compiled at the full length; where XLA's figure and the
-    outputs exceed the budget (a cost model can miss a constant on another
-    backend), the excess is added to every prediction and the choice made
-    again. Under a mesh in context this check is skipped: the unsharded
-    program it would compile overstates each device's share.
+    own measured gradients instead. Of those that fit, the fastest runs, by
+    the time model of :class:`Timing`: each forward step, each pullback (those
+    a schedule throws away included) and each host-decided event
+    (:attr:`~bpttjax.remat.Cost.host_events`), timed per device. Plans within
+    2% of the fastest count as equally fast: of the families (a class's
+    candidates, such as ``Binomial`` with each snapshot count) whose fastest
+    fit is that close, the one offered first runs (the measured ones, the
+    policy saving most first, then the registry's classes in registration
+    order), and within it the plan with the least memory still within 2%.
+    A prediction from a cost model aims at 95% of what is left for the
+    schedule. The choice is then compiled at the full length; where XLA's
+    figure and the outputs exceed the budget (a cost model can miss a
+    constant on another backend), the excess is added to that family's
+    predictions and the choice made again. Under a mesh in context this
+    check is skipped: the unsharded program it would compile overstates each
+    device's share.
 
     A scan that is only run forward, or under ``jax.jvp`` alone, runs as
     ``StoreAll`` and is never probed; so does one with nothing to
@@ -251,6 +189,7 @@ class Budget(RematStrategy):
 
     bytes: int | str
     policies: tuple[Callable[..., Any], ...] = (jax.checkpoint_policies.dots_saveable,)
+    timing: Timing | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "bytes", parse_bytes(self.bytes))
@@ -267,6 +206,11 @@ class Budget(RematStrategy):
                     f"got {type(p).__name__}: {p!r}"
                 )
         object.__setattr__(self, "policies", tuple(policies))
+        if self.timing is not None and not isinstance(self.timing, Timing):
+            raise TypeError(
+                "Budget(timing=...) expects a bj.budget.Timing or None, got "
+                f"{type(self.timing).__name__}: {self.timing!r}"
+            )
 
     @classmethod
     def from_arg(cls, arg):
@@ -317,24 +261,33 @@ class Budget(RematStrategy):
           BudgetTooSmallError: nothing fits; it names the least budget the
             model says would.
         """
-        lines = _lines(length, costs, [(StoreAll(), costs), *policy_costs], output_bytes)
+        lines = measured_lines(length, costs, [(StoreAll(), costs), *policy_costs], output_bytes)
         return self._choose(length, costs, lines, missed)
 
     def _choose(self, length: int, costs: StepCosts, lines: list, missed: int) -> Plan:
-        """:meth:`choose` with the measured candidates' plans made (:func:`_lines`)."""
-        offered = _offered(length, costs, lines)
-        fits = lambda group, plan: group.need(plan, missed) <= self._cap
-        picks = []
-        for position, group in enumerate(offered):
-            plan = group.first(lambda plan, group=group: fits(group, plan))
-            if plan is not None:
-                picks.append((_passes(plan), position, plan))
-        if not picks:
-            least = [(g.need(g[-1], missed), g[-1]) for g in offered if len(g)]
-            need, plan = min(least, key=lambda np_: np_[0])
-            raise _too_small(self._cap, plan, need, "predicted")
-        plan = min(picks, key=lambda p: p[:2])[2]
-        return dataclasses.replace(plan, budget_bytes=self._cap)
+        """:meth:`choose` with the measured candidates' plans made (``measured_lines``)."""
+        return self._choose_family(length, costs, lines, {}, missed)[1]
+
+    def _choose_family(
+        self, length: int, costs: StepCosts, lines: list, missed: dict[int, int], everywhere: int
+    ) -> tuple[int, Plan]:
+        """The chosen plan and its family's position among the groups offered, with
+        ``missed[position]`` bytes added to that family's predictions and
+        ``everywhere`` to all."""
+        groups = offered(length, costs, lines, self._timing())
+        need = lambda i, plan: groups[i].need(plan, everywhere + missed.get(i, 0))
+        chosen = pick(groups, lambda i, plan: need(i, plan) <= self._cap)
+        if chosen is None:
+            least = [(need(i, g[-1]), g[-1]) for i, g in enumerate(groups) if len(g)]
+            least_need, plan = min(least, key=lambda np_: np_[0])
+            raise _too_small(self._cap, plan, least_need, "predicted")
+        position, plan = chosen
+        return position, dataclasses.replace(plan, budget_bytes=self._cap)
+
+    def _timing(self) -> Timing:
+        """The constants this budget predicts time with: ``timing``, or those measured on
+        JAX's default device (:func:`bpttjax.budget.device_timing`, once per process)."""
+        return self.timing if self.timing is not None else device_timing()
 
     def _plan(self, f: Callable, init: Any, xs: Any, length: int) -> Plan:
         """The plan for a gradient of ``bj.scan(f, ...)``, checked by compiling it."""
@@ -343,7 +296,7 @@ class Budget(RematStrategy):
             costs, lines = self._step_costs(f, init, xs)
         except _NotDifferentiable:
             return Plan(StoreAll(), 0, 0, self._cap, length, StepCosts(0, 0), output_bytes=outputs)
-        plans = _lines(length, costs, lines, outputs, holds_outputs=True)
+        plans = measured_lines(length, costs, lines, outputs, holds_outputs=True)
 
         def measure(strategy):
             if any(strategy == p.strategy for p in plans):
@@ -379,23 +332,24 @@ class Budget(RematStrategy):
         """:meth:`_choose`, then XLA's figure for the whole (``measure(strategy)``).
 
         Where it exceeds the budget, the excess over the prediction is added
-        to every prediction and the choice made again. Where the model says
+        to the predictions of the chosen plan's family (each cost model misses
+        by its own amount) and the choice made again. Where the model says
         nothing fits, or after four misses, the least-memory candidates are
         compiled and the fastest that fits is taken; otherwise the error names
         the least budget XLA measured. Under a mesh, the model's choice.
         """
         if not _probe.checking():
             return self._choose(length, costs, lines, 0)
-        missed = 0
+        missed: dict[int, int] = {}  # by family: cost models miss by their own amounts
         for _ in range(_CHECKS):
             try:
-                plan = self._choose(length, costs, lines, missed)
+                position, plan = self._choose_family(length, costs, lines, missed, 0)
             except BudgetTooSmallError:
                 break
             total = measure(plan.strategy)
             if total <= self._cap:
                 return dataclasses.replace(plan, measured_bytes=total)
-            missed = max(missed + 1, total - plan._predicted)
+            missed[position] = max(missed.get(position, 0) + 1, total - plan.predicted)
         return self._smallest(length, costs, lines, measure)
 
     def _smallest(self, length: int, costs: StepCosts, lines: list, measure: Callable) -> Plan:
@@ -405,10 +359,10 @@ class Budget(RematStrategy):
         The least-memory candidates: ``StoreAll``'s measured plan and the last
         candidate of each registered class (``EveryStep()``, ``Binomial(1)``).
         """
-        offered = _offered(length, costs, lines)
-        least = [(0, 0, lines[0])]
+        groups = offered(length, costs, lines, self._timing())
+        least = [(groups[0][0].seconds, 0, groups[0][0])]
         least += [
-            (_passes(g[-1]), i, g[-1]) for i, g in enumerate(offered) if g.registered and len(g)
+            (g[-1].seconds, i, g[-1]) for i, g in enumerate(groups) if g.registered and len(g)
         ]
         measured = [
             (plan, measure(plan.strategy)) for *_, plan in sorted(least, key=lambda p: p[:2])
@@ -477,7 +431,7 @@ class Budget(RematStrategy):
         except _NotDifferentiable:
             return StoreAll()
         lines = [(StoreAll(), _probe.layer_costs(layer, init)), *lines[1:]]
-        plans = _lines(layer.length, costs, lines, outputs, holds_outputs=True)
+        plans = measured_lines(layer.length, costs, lines, outputs, holds_outputs=True)
         measure = lambda strategy: _probe.layer_temp(layer, init, strategy)
         try:
             model = self._choose(layer.length, costs, plans, 0)
@@ -490,109 +444,8 @@ class Budget(RematStrategy):
         return self._checked(layer.length, costs, plans, measure).strategy
 
 
-class _Group(Sequence):
-    """One source's candidates as plans, from the most memory to the least.
-
-    ``plans[i]`` is made only when indexed, so a class may offer a long lazy
-    sequence (``Binomial``'s one per snapshot count) that :meth:`first`
-    bisects. ``measured`` plans are lines through two compilations of the
-    strategy itself, whose prediction may use the whole budget; the others
-    come from a cost model and aim at ``_SAFETY`` of what the outputs leave.
-    """
-
-    def __init__(self, items: Sequence, make: Callable[[Any], Plan], measured: bool, registered):
-        self._items, self._make = items, make
-        self.measured, self.registered = measured, registered
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self._make(self._items[i])
-
-    def need(self, plan: Plan, missed: int) -> int:
-        """The least budget ``plan`` fits, with ``missed`` bytes added to its prediction."""
-        if self.measured:
-            return plan._predicted + missed
-        return math.ceil((plan.temp_bytes + missed) / _SAFETY) + plan.output_bytes
-
-    def first(self, fits: Callable[[Plan], bool]) -> Plan | None:
-        """The first plan that ``fits``: the one with the most memory, so the fastest."""
-        lo, hi = 0, len(self)
-        while lo < hi:  # the plans' needs do not increase along the group
-            mid = (lo + hi) // 2
-            if fits(self[mid]):
-                hi = mid
-            else:
-                lo = mid + 1
-        return self[lo] if lo < len(self) else None
-
-
-def _offered(length: int, costs: StepCosts, lines: list[Plan]) -> list[_Group]:
-    """Every candidate, grouped by where it comes from, in the order offered: the
-    measured ``lines`` (:func:`_lines`), then each registered class's
-    :meth:`~bpttjax.RematStrategy.candidates` (without those measured)."""
-    groups = [_Group((p,), lambda p: p, measured=True, registered=None) for p in lines]
-    measured = [p.strategy for p in lines]
-    outputs = lines[0].output_bytes
-
-    def model(strategy: RematStrategy) -> Plan:
-        cost = strategy.cost(length, costs)
-        return Plan(
-            strategy, cost.temp_bytes, cost.recomputed_steps, 0, length, costs, output_bytes=outputs
-        )
-
-    for cls in STRATEGIES.values():
-        offered = cls.candidates(length, costs)
-        if not isinstance(offered, Sequence):
-            offered = tuple(offered)
-        if isinstance(offered, tuple | list):
-            offered = [s for s in offered if s not in measured]
-        groups.append(_Group(offered, model, measured=False, registered=cls))
-    return groups
-
-
-def _passes(plan: Plan) -> int:
-    """The plan's recomputation in whole forward passes, rounded up: Budget's time."""
-    return -(-plan.recomputed_steps // max(plan.length, 1))
-
-
 class _NotDifferentiable(Exception):
     """Plain BPTT of the step does not compile: nothing to plan for."""
-
-
-def _lines(
-    length: int, costs: StepCosts, pairs: Sequence, outputs: int, holds_outputs: bool = False
-) -> list[Plan]:
-    """Plans for the candidates predicted by a line through two compilations of
-    themselves: ``StoreAll`` and ``EveryStep`` with a policy, fastest first.
-
-    ``pairs`` are ``(strategy, StepCosts)``; where ``holds_outputs``, their
-    costs were measured with a loss over all outputs, so the line is the
-    whole prediction, else ``outputs`` are added to it.
-    """
-    store_all, *policies = pairs
-    policies = sorted(policies, key=lambda sc: -sc[1].residual_bytes)  # saves most first
-    plans = []
-    for strategy, pc in (store_all, *policies):
-        # a policy is measured like plain BPTT (what it keeps per step is its
-        # slope); it still re-evaluates each step in the backward pass
-        line = StoreAll().cost(length, pc).temp_bytes
-        predicted = line if holds_outputs else line + outputs
-        recomputed = 0 if strategy == StoreAll() else length
-        plans.append(
-            Plan(
-                strategy,
-                max(predicted - outputs, 0),
-                recomputed,
-                0,
-                length,
-                costs,
-                output_bytes=outputs,
-                predicted_bytes=predicted,
-            )
-        )
-    return plans
 
 
 def _fused_nested(layer: Layer, init: Any) -> Nested:

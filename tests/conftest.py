@@ -16,6 +16,10 @@ import os
 import jax
 import pytest
 
+import bpttjax
+import bpttjax as bj
+import bpttjax._timing
+
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # for the scripts the tests start
 jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update("jax_enable_x64", True)
@@ -47,3 +51,17 @@ def pytest_collection_modifyitems(config, items):
     that starts last keeps one worker busy while the others have nothing left.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+CPU_TIMING = bj.budget.Timing(forward_s=40e-6, vjp_s=80e-6, host_event_s=0.05e-6)
+"""The time constants ``Budget`` predicts with in the suite, of the order the 2-core CPU
+measures: a choice must not depend on how busy the machine is while the suite runs.
+Tests marked ``measured_timing`` use the device's own measurement."""
+
+
+@pytest.fixture(autouse=True)
+def fixed_timing(request, monkeypatch):
+    """:data:`CPU_TIMING` for every ``Budget`` without ``timing=``, unless the test is
+    marked ``measured_timing``."""
+    if request.node.get_closest_marker("measured_timing") is None:
+        monkeypatch.setattr(bpttjax._timing, "_measured", lambda device: CPU_TIMING)

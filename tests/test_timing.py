@@ -36,6 +36,7 @@ def test_bad_constants_are_named(kwargs, error, match):
         _timing.Timing(**args)
 
 
+@pytest.mark.measured_timing
 def test_measured_once_per_device():
     t = _timing.device_timing()
     assert t is _timing.device_timing()

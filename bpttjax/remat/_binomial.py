@@ -134,8 +134,11 @@ class Binomial(RematStrategy):
     @classmethod
     def candidates(cls, length, costs):
         # Revolve is optimal for each snapshot count, so every count is worth
-        # considering: most snapshots (least recomputation) first.
-        return _SnapshotCounts(max(length - 1, 1))
+        # considering: most snapshots (least recomputation) first. Two families:
+        # the dynamic engine (host decisions, no wasted pullbacks) and the
+        # static one (the reverse), which the time model tells apart.
+        n = max(length - 1, 1)
+        return (_SnapshotCounts(n), _SnapshotCounts(n, static=True))
 
     def recomputed_steps(self, length: int) -> int:
         """Step evaluations beyond plain BPTT's ``T``: the revolve optimum."""
@@ -193,8 +196,8 @@ class Binomial(RematStrategy):
 class _SnapshotCounts(Sequence):
     """``Binomial(n), Binomial(n - 1), ..., Binomial(1)``, made only when indexed."""
 
-    def __init__(self, n: int):
-        self._n = n
+    def __init__(self, n: int, static: bool = False):
+        self._n, self._static = n, static
 
     def __len__(self) -> int:
         return self._n
@@ -204,4 +207,4 @@ class _SnapshotCounts(Sequence):
             return [self[j] for j in range(*i.indices(self._n))]
         if not -self._n <= i < self._n:
             raise IndexError(i)
-        return Binomial(self._n - (i % self._n))
+        return Binomial(self._n - (i % self._n), static=self._static)

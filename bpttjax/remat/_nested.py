@@ -18,6 +18,8 @@ from ._base import Cost, Layer, RematStrategy, register
 
 __all__ = ["Nested"]
 
+_MAX_LEVELS = 6  # the most levels Budget considers; beyond, revolve stores less for the time
+
 
 def _balanced_lengths(length: int, levels: int) -> tuple[int, ...]:
     """Level lengths, outermost first, about ``length**(1/levels)`` each.
@@ -225,10 +227,28 @@ class Nested(RematStrategy):
             return self.lengths
         return _weighted_lengths(length, self.levels, ratio)
 
-    # No candidates for Budget (the base's default): revolve is optimal for
-    # any number of stored carries, so Binomial recomputes no more than
-    # Nested for the same memory, and Nested's level lengths depend on the
-    # traced step, which a prediction from StepCosts only approximates.
+    @classmethod
+    def candidates(cls, length, costs):
+        # One plan per level count L (L - 1 forward passes recomputed), most
+        # memory first: the lengths that minimize the stored bytes for the
+        # step's residual-to-carry ratio, or L - 1 balanced levels whose
+        # innermost keeps carries only (a last level of length 1), whichever
+        # the cost model says is smaller. Past the level count where one more
+        # level no longer saves memory, revolve does better (Binomial).
+        if length < 4:
+            return ()
+        ratio = costs.residual_bytes / costs.carry_bytes if costs.carry_bytes else 1.0
+        offered, least = [], math.inf
+        for levels in range(2, min(_MAX_LEVELS, length.bit_length()) + 1):
+            weighted = cls(lengths=_weighted_lengths(length, levels, ratio))
+            carries = cls(lengths=(*_balanced_lengths(length, levels - 1), 1))
+            best = min((weighted, carries), key=lambda s: s.cost(length, costs).temp_bytes)
+            temp = best.cost(length, costs).temp_bytes
+            if temp >= least:
+                break
+            offered.append(best)
+            least = temp
+        return tuple(offered)
 
     def check(self, length: int) -> None:
         """Refuse, before the step is traced, ``lengths`` that do not cover ``length`` steps."""

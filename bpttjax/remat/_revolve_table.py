@@ -244,6 +244,7 @@ def _scan_fwd(spec, closed, consts, init, xs):
 def _scan_bwd(spec, closed, residuals, cotangents):
     length, s, reverse, _, by_jvp = spec
     consts, init, xs, (buf, pos, top, last_vjp) = residuals
+    pos = jnp.asarray(pos)  # a residual that is a constant of the program may come as numpy
     plan = schedule(length, s)
     ct_carry, ct_ys = cotangents
     ct_ys = split_diff(ct_ys)[0]  # float0 cotangents of integer outputs carry nothing
