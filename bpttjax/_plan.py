@@ -5,9 +5,10 @@ Candidates come in groups (:class:`Group`): each measured ``StoreAll`` or
 policy on its own, and every family a registered strategy class offers
 (:meth:`bpttjax.RematStrategy.candidates`), ordered from the most memory to
 the least, so that the first plan of a group that fits is its fastest and can
-be found by bisection. :func:`pick` takes the fastest fit by the time model
-(:class:`~bpttjax.budget.Timing`), then, within that family, the one with the
-least memory whose predicted time is within :data:`CLOSE` of it.
+be found by bisection. :func:`pick` takes the fastest family by the time
+model (:class:`~bpttjax.budget.Timing`), the one offered first where several
+are within :data:`TIE`, then, within that family, the plan with the least
+memory whose predicted time is within :data:`CLOSE` of the family's fastest.
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ from typing import Any
 from ._timing import Timing
 from .remat import STRATEGIES, Cost, RematStrategy, StepCosts, StoreAll
 
-__all__ = ["CLOSE", "SAFETY", "Group", "Plan", "mb", "measured_lines", "offered", "pick"]
+__all__ = ["CLOSE", "SAFETY", "TIE", "Group", "Plan", "mb", "measured_lines", "offered", "pick"]
 
 SAFETY = 0.95
 """Plan a model's prediction (``EveryStep()``, ``Binomial``) to this fraction of the
 budget: such predictions are within a few percent of XLA's. A prediction that is a line
 through two compilations of the strategy itself (``StoreAll``, a policy) may use it all."""
 
-CLOSE = 0.02
-"""Within a family, a plan whose predicted time is within this fraction of the fastest
-fit's counts as fast as it, and the one of those with the least memory runs: revolve's
-last few snapshots buy almost no time."""
+CLOSE = 0.005
+"""Within a family, a plan whose predicted time is within this fraction of the family's
+fastest fit counts as fast as it, and the one of those with the least memory runs:
+revolve's last few snapshots buy almost no time."""
+
+TIE = 0.03
+"""Families whose fastest fits are within this fraction of each other count as equally
+fast, and the one offered first runs: each schedule's loops cost a few percent that the
+time model does not see (an engine's bookkeeping per step, a level's slicing)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +170,8 @@ class Group(Sequence):
     def least_close(self, start: int, seconds: float) -> Plan:
         """The plan with the least memory from ``start`` on whose predicted time is at
         most ``seconds``, or ``self[start]``. Bisects: time does not fall along the group."""
-        after = _bisect(len(self) - start, lambda i: self[start + i].seconds > seconds)
+        slower = lambda i: (self[start + i].seconds or 0.0) > seconds
+        after = _bisect(len(self) - start, slower)
         last = self[start + (len(self) - start if after is None else after) - 1]
         assert last.seconds is not None
         return last if last.seconds <= seconds else self[start]
@@ -226,11 +233,10 @@ def pick(groups: list[Group], fits: Callable[[int, Plan], bool]) -> tuple[int, P
     """The plan to run among those that ``fits``.
 
     Each group's first fit is its fastest. Of the groups whose fastest is
-    within :data:`CLOSE` of the fastest of all, the one offered first runs:
-    a difference that small is below what the time model can tell, and the
-    order of offering puts the measured plans first, then the registry's
+    within :data:`TIE` of the fastest of all, the one offered first runs:
+    the order of offering puts the measured plans first, then the registry's
     classes in registration order. Within that group, the plan with the least
-    memory whose predicted time is still within :data:`CLOSE` of the fastest.
+    memory whose predicted time is within :data:`CLOSE` of the group's fastest.
     Returns that group's position and the plan.
     """
     firsts = []
@@ -240,9 +246,9 @@ def pick(groups: list[Group], fits: Callable[[int, Plan], bool]) -> tuple[int, P
             firsts.append((group[i].seconds, position, i))
     if not firsts:
         return None
-    limit = min(firsts)[0] * (1 + CLOSE)
-    position, i = min((p, i) for seconds, p, i in firsts if seconds <= limit)
-    return position, groups[position].least_close(i, limit)
+    limit = min(firsts)[0] * (1 + TIE)
+    seconds, position, i = min(((s, p, i) for s, p, i in firsts if s <= limit), key=lambda f: f[1])
+    return position, groups[position].least_close(i, seconds * (1 + CLOSE))
 
 
 def measured_lines(

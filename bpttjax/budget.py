@@ -137,19 +137,20 @@ class Budget(RematStrategy):
     Choice, when a gradient is taken (see :meth:`plan`): every registered
     strategy class offers its candidates
     (:meth:`~bpttjax.RematStrategy.candidates`: ``StoreAll()``,
-    ``EveryStep()``, ``Nested`` with each number of levels, ``Binomial(s)``
-    and ``Binomial(s, static=True)`` for every ``s``, and whatever a
+    ``EveryStep()``, ``Binomial(s)`` and ``Binomial(s, static=True)`` for
+    every ``s``, ``Nested`` with each number of levels, and whatever a
     registered user strategy offers), each predicted by its own ``cost``;
     ``StoreAll`` and ``EveryStep`` with each policy are predicted from their
     own measured gradients instead. Of those that fit, the fastest runs, by
     the time model of :class:`Timing`: each forward step, each pullback (those
     a schedule throws away included) and each host-decided event
-    (:attr:`~bpttjax.remat.Cost.host_events`), timed per device. Plans within
-    2% of the fastest count as equally fast: of the families (a class's
-    candidates, such as ``Binomial`` with each snapshot count) whose fastest
-    fit is that close, the one offered first runs (the measured ones, the
-    policy saving most first, then the registry's classes in registration
-    order), and within it the plan with the least memory still within 2%.
+    (:attr:`~bpttjax.remat.Cost.host_events`), timed per device. Families
+    (a class's candidates, such as ``Binomial`` with each snapshot count)
+    whose fastest fits are within 3% count as equally fast, and the one
+    offered first runs (the measured ones, the policy saving most first, then
+    the registry's classes in registration order): each schedule's loops cost
+    a few percent the model does not see. Within it, the plan with the least
+    memory whose time is within 0.5% of the family's fastest.
     A prediction from a cost model aims at 95% of what is left for the
     schedule. The choice is then compiled at the full length; where XLA's
     figure and the outputs exceed the budget (a cost model can miss a

@@ -11,6 +11,7 @@ checked against the loop tests and conditionals executed at run time.
 
 import collections
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -209,10 +210,12 @@ def test_a_budgets_cost_carries_its_choices_host_events():
     """``Budget.cost`` is its choice's: a budget that only revolve fits states revolve's
     host events (and, where it runs the static engine, its wasted pullbacks)."""
     costs = bj.remat.StepCosts(carry_bytes=1_000, residual_bytes=4_000, overhead_bytes=0)
-    budget = bj.Budget(30_000)
-    chosen = budget.choose(T, costs).strategy
-    assert isinstance(chosen, bj.Binomial), chosen
-    own = chosen.cost(T, costs)
-    got = budget.cost(T, costs)
-    assert (got.host_events, got.wasted_pullbacks) == (own.host_events, own.wasted_pullbacks)
-    assert got.host_events > 0
+    tight = math.ceil(bj.Binomial(2).cost(T, costs).temp_bytes / 0.95)  # revolve only
+    events = []
+    for budget in (bj.Budget(30_000), bj.Budget(tight)):
+        chosen = budget.choose(T, costs).strategy
+        own = chosen.cost(T, costs)
+        got = budget.cost(T, costs)
+        assert (got.host_events, got.wasted_pullbacks) == (own.host_events, own.wasted_pullbacks)
+        events.append(got.host_events)
+    assert isinstance(chosen, bj.Binomial) and events[-1] > 0, chosen

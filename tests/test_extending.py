@@ -131,9 +131,9 @@ def test_budget_skips_a_registered_strategy_that_does_not_fit(registered):
 
 def reference_choice(budget, n, costs, timing):
     """Budget's rule by brute force over every candidate: the family offered first
-    whose fastest fit is within 2% of the fastest of all, and in it the least memory
-    within 2% of that. ``StoreAll`` is measured (its prediction needs no margin),
-    the rest are cost models planned at 95%."""
+    whose fastest fit is within 3% of the fastest of all, and in it the least memory
+    within 0.5% of the family's fastest. ``StoreAll`` is measured (its prediction needs
+    no margin), the rest are cost models planned at 95%."""
     store_all = bj.StoreAll().cost(n, costs)
     families = [[(bj.StoreAll(), store_all.temp_bytes, store_all)]]
     for cls in bj.remat.STRATEGIES.values():
@@ -155,9 +155,9 @@ def reference_choice(budget, n, costs, timing):
         for family in families
     ]
     fastest = [min(t for *_, t in family) if family else math.inf for family in timed]
-    limit = min(fastest) * 1.02
-    family = next(f for f, best in zip(timed, fastest, strict=True) if best <= limit)
-    close = [(need, -i, s) for i, (s, need, t) in enumerate(family) if t <= limit]
+    tie = min(fastest) * 1.03
+    family, best = next((f, b) for f, b in zip(timed, fastest, strict=True) if b <= tie)
+    close = [(need, -i, s) for i, (s, need, t) in enumerate(family) if t <= best * 1.005]
     return min(close)[2]
 
 

@@ -55,7 +55,7 @@ def grad_loss(params, xs, remat=None, truncation=None):
 
 
 def test_registry_names_the_built_in_strategies_in_order():
-    assert list(bj.remat.STRATEGIES) == ["store_all", "every_step", "nested", "binomial", "budget"]
+    assert list(bj.remat.STRATEGIES) == ["store_all", "every_step", "binomial", "nested", "budget"]
     assert bj.remat.STRATEGIES["binomial"] is bj.Binomial
     assert bj.remat.STRATEGIES["budget"] is bj.Budget
     with pytest.raises(TypeError):

@@ -30,8 +30,8 @@ from ._base import register as register
 # isort: off
 from ._every_step import StoreAll as StoreAll
 from ._every_step import EveryStep as EveryStep
-from ._nested import Nested as Nested
 from ._binomial import Binomial as Binomial
+from ._nested import Nested as Nested
 
 # isort: on
 

@@ -15,7 +15,7 @@ import dataclasses
 import inspect
 import re
 import types
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from .. import _tree
@@ -180,17 +180,22 @@ class RematStrategy(abc.ABC):
         del length
 
     @classmethod
-    def candidates(cls, length: int, costs: StepCosts) -> Iterable[RematStrategy]:
+    def candidates(
+        cls, length: int, costs: StepCosts
+    ) -> Iterable[RematStrategy] | tuple[Sequence[RematStrategy], ...]:
         """The instances of this class worth considering for ``length`` steps with ``costs``.
 
         :class:`~bpttjax.Budget` asks every registered class, predicts each
         candidate with its own :meth:`cost`, and runs the fastest whose
-        prediction fits. Offer them from the most memory to the least, so
-        that within a class less memory never means a faster schedule:
-        ``Budget`` bisects what a class offers on the predicted memory, which
-        lets a class offer a long lazy sequence (``Binomial`` offers one
-        instance per snapshot count). The default offers none, for a strategy
-        ``Budget`` should not pick by itself.
+        prediction fits (by its time model, ``bj.budget.Timing``). Offer them
+        from the most memory to the least, so that within a class less memory
+        never means a faster schedule: ``Budget`` bisects what a class offers
+        on the predicted memory and then on the predicted time, which lets a
+        class offer a long lazy sequence (``Binomial`` offers one instance per
+        snapshot count). A class with several such families returns a tuple
+        of sequences, each bisected on its own (``Binomial``'s dynamic and
+        static engines). The default offers none, for a strategy ``Budget``
+        should not pick by itself.
         """
         del length, costs
         return ()
@@ -281,7 +286,7 @@ _REGISTRY: dict[str, type[RematStrategy]] = {}
 STRATEGIES: Mapping[str, type[RematStrategy]] = types.MappingProxyType(_REGISTRY)
 """The registered strategy classes by name, in registration order (read-only).
 
-``store_all``, ``every_step``, ``nested``, ``binomial`` and ``budget``, then
+``store_all``, ``every_step``, ``binomial``, ``nested`` and ``budget``, then
 any added with :func:`register`. Scripts, tests and ``--remat`` options all
 read this one mapping.
 """
