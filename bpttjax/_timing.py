@@ -101,8 +101,13 @@ def device_timing(device: jax.Device | None = None) -> Timing:  # pyright: ignor
 
 @functools.cache
 def _measured(device) -> Timing:
-    # numpy inputs and compiled programs: this may run while a gradient is being
-    # traced (Budget plans then), where a jnp operation would join that trace
+    # This runs while a gradient is being traced (Budget plans then), where
+    # device_put and jnp operations would join that trace: evaluate them now.
+    with jax.ensure_compile_time_eval():
+        return _measure(device)
+
+
+def _measure(device) -> Timing:
     B, H = _PROBE
     w = np.full((H, H), 1.0 / H, np.float32)
     h0 = np.zeros((B, H), np.float32)

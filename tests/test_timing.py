@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import bpttjax as bj
@@ -43,3 +45,18 @@ def test_measured_once_per_device():
     for value in (t.forward_s, t.vjp_s, t.host_event_s):
         assert math.isfinite(value) and value >= 0
     assert t.forward_s > 0  # a 32 x 256 tanh step is never free
+
+
+@pytest.mark.measured_timing
+def test_measured_while_a_gradient_is_traced():
+    """``Budget`` plans while ``jax.grad`` traces the scan: the measurement must not
+    join that trace (its inputs and calls are evaluated at once)."""
+    _timing._measured.cache_clear()
+    step = lambda h, x: (jnp.tanh(h * x), h)
+    loss = lambda h0, xs: jnp.sum(bj.scan(step, h0, xs, remat=bj.Budget("1MB"))[1])
+    g = jax.jit(jax.grad(loss))(jnp.ones(4), jnp.full((50, 4), 0.5))
+    want = jax.grad(lambda h0, xs: jnp.sum(bj.scan(step, h0, xs)[1]))(
+        jnp.ones(4), jnp.full((50, 4), 0.5)
+    )
+    assert jnp.allclose(g, want, rtol=1e-12)
+    assert _timing._measured.cache_info().currsize == 1
