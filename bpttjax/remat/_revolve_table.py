@@ -213,10 +213,22 @@ def _forward(spec, closed, consts, init, xs):
     state and the buffer's old contents.
     """
     length, s, reverse, unroll, by_jvp = spec
-    plan = schedule(length, s)
     idx = _revolve.step_index(length, reverse)
     x_at = lambda t: None if xs is None else index(xs, idx(t))
-    _, y_shape = jax.eval_shape(closed, init, x_at(0), *consts)
+    step = lambda carry, t: _revolve.primal(closed, carry, x_at(t), consts, by_jvp)
+    last, ys, (buf, pos, k) = _first_sweep(step, init, length, s, reverse, unroll)
+    (carry, y), last_vjp = _revolve.step_vjp(closed, consts, last, x_at(length - 1))
+    ys = store(ys, idx(length - 1), y)
+    return (carry, ys), (buf, pos, k, last_vjp)
+
+
+def _first_sweep(step, init, length, s, reverse, unroll):
+    """Steps ``0 .. T−2`` of ``step(carry, t) -> (carry, y)``, storing the first sweep's
+    snapshots: the carry entering step ``T − 1``, ``ys`` (that step's row still zero),
+    and the snapshot buffer, positions and top index."""
+    plan = schedule(length, s)
+    idx = _revolve.step_index(length, reverse)
+    _, y_shape = jax.eval_shape(step, init, 0)
     pos = jnp.asarray(np.append(plan.first_sweep, length).astype(np.int32))
     buf = store(stack_zeros(s + 1, init), jnp.zeros((), _I32), init)
 
@@ -225,15 +237,12 @@ def _forward(spec, closed, consts, init, xs):
         push = (k + 1 < plan.stored) & (t == pos[jnp.minimum(k + 1, s)])
         k = k + push.astype(_I32)
         buf = store(buf, jnp.where(push, k, s), carry)
-        carry, y = _revolve.primal(closed, carry, x_at(t), consts, by_jvp)
+        carry, y = step(carry, t)
         return carry, buf, store(ys, idx(t), y), k
 
-    ys = stack_zeros(length, y_shape)
-    state = (init, buf, ys, jnp.zeros((), _I32))
-    carry, buf, ys, k = jax.lax.fori_loop(0, length - 1, body, state, unroll=unroll)
-    (carry, y), last_vjp = _revolve.step_vjp(closed, consts, carry, x_at(length - 1))
-    ys = store(ys, idx(length - 1), y)
-    return (carry, ys), (buf, pos, k, last_vjp)
+    state = (init, buf, stack_zeros(length, y_shape), jnp.zeros((), _I32))
+    last, buf, ys, k = jax.lax.fori_loop(0, length - 1, body, state, unroll=unroll)
+    return last, ys, (buf, pos, k)
 
 
 def _scan_fwd(spec, closed, consts, init, xs):
@@ -306,7 +315,10 @@ PAD = 3
 
 GROUP_ACTIONS, GROUP_REVERSALS = 16, 8
 """The layer engine's groups: at most this many actions, of which at most this many
-reversals, whose weight gradients are computed together after the group."""
+reversals, whose weight gradients are computed together after the group. Larger groups
+make fewer, larger products but pad more actions and hold more rows; smaller ones run
+more products of a few rows each. The pair was chosen by timing a few of them
+(``docs/strategies.md``, "Without host decisions")."""
 
 
 @functools.lru_cache(maxsize=32)
@@ -378,23 +390,10 @@ def _layer_fwd(spec, bare, params, init, xs, scales):
     # last step's VJP: the backward pass starts by reversing that step
     length, s, reverse, unroll = spec
     step = bare.replace(params=params, xs=xs).step
-    plan = schedule(length, s)
     idx = _revolve.step_index(length, reverse)
-    _, y_shape = jax.eval_shape(step, init, xs[0])
-    pos = jnp.asarray(np.append(plan.first_sweep, length).astype(np.int32))
-    buf = store(stack_zeros(s + 1, init), jnp.zeros((), _I32), init)
-
-    def body(t, state):
-        carry, buf, ys, k = state
-        push = (k + 1 < plan.stored) & (t == pos[jnp.minimum(k + 1, s)])
-        k = k + push.astype(_I32)
-        buf = store(buf, jnp.where(push, k, s), carry)
-        carry, y = step(carry, index(xs, idx(t)))
-        return carry, buf, store(ys, idx(t), y), k
-
-    state = (init, buf, stack_zeros(length, y_shape), jnp.zeros((), _I32))
-    last, buf, ys, k = jax.lax.fori_loop(0, length - 1, body, state, unroll=unroll)
-    carry, y = step(last, index(xs, idx(length - 1)))
+    at = lambda carry, t: step(carry, index(xs, idx(t)))
+    last, ys, (buf, pos, k) = _first_sweep(at, init, length, s, reverse, unroll)
+    carry, y = at(last, length - 1)
     ys = store(ys, idx(length - 1), y)
     return (carry, ys), (params, xs, scales, buf, pos, k, last)
 
